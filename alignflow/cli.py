@@ -1,0 +1,123 @@
+"""`alignflow` command line.
+
+    alignflow run [--pipeline tiny] [-S key.path=value ...]   the whole chain (Prefect flow over DVC stages)
+    alignflow stage NAME --pipeline P                         one stage (what dvc.yaml's cmd calls)
+    alignflow validate-data PATH... [--quarantine FILE]       the curate checks, standalone
+    alignflow algorithms                                      the registered RL methods
+    alignflow check-config                                    validate pipelines.yaml and exit
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _embedded_defaults(root: Path | None) -> None:
+    """Settings for running with nothing started by hand; all set before prefect/mlflow are imported."""
+    base = root or Path.cwd()
+    for key, value in {
+        "PREFECT_HOME": str(base / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_LEVEL": "WARNING",
+        "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(base / ".cache" / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+    }.items():
+        os.environ.setdefault(key, value)
+    # dvc.yaml's cmd calls `alignflow`: make sure it is this installation's, not whatever is on PATH
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _no_heartbeat():
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})  # ~1 s per flow run otherwise
+
+
+def cmd_run(args) -> int:
+    from flows.post_training import post_training
+    with _no_heartbeat():
+        post_training(pipeline=args.pipeline, overrides=args.set or [])
+    print(f"done: metrics/{args.pipeline}/evaluate.json, reports/{args.pipeline}/report.html")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    import importlib
+
+    from flows import STAGES
+    if args.name not in STAGES:
+        print(f"unknown stage {args.name!r}; stages: {STAGES}", file=sys.stderr)
+        return 2
+    flow = getattr(importlib.import_module(f"flows.{args.name}"), args.name)
+    with _no_heartbeat():
+        flow(pipeline=args.pipeline)
+    return 0
+
+
+def cmd_validate_data(args) -> int:
+    from alignflow.data.curate import validate_data
+    return validate_data(args.paths, Path(args.quarantine), max_chars=args.max_chars, split=args.split)
+
+
+def cmd_algorithms(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignflow.algorithms import ALGORITHMS
+    table = Table("name", "what it does", "needs", "paper")
+    for name, algo in ALGORITHMS.items():
+        table.add_row(name, algo.summary, ", ".join(algo.needs) or "-", algo.paper)
+    Console().print(table)
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    from alignflow.config import load_project
+    project = load_project(Path(args.config))
+    print(f"ok: pipelines {sorted(project.pipelines)}, tracked {project.tracked}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the whole pipeline")
+    p.add_argument("--pipeline", default="tiny")
+    p.add_argument("-S", "--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override pipelines.<pipeline>.KEY.PATH (applied through DVC, like `dvc exp run -S`)")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("stage", help="run one stage (dvc.yaml calls this)")
+    p.add_argument("name")
+    p.add_argument("--pipeline", default="tiny")
+    p.set_defaults(fn=cmd_stage)
+    p = sub.add_parser("validate-data", help="check data files; write the quarantine report")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--quarantine", default="quarantine.jsonl")
+    p.add_argument("--max-chars", type=int, default=1024)
+    p.add_argument("--split", default="sft")
+    p.set_defaults(fn=cmd_validate_data)
+    sub.add_parser("algorithms", help="list the RL methods").set_defaults(fn=cmd_algorithms)
+    p = sub.add_parser("check-config", help="validate pipelines.yaml")
+    p.add_argument("--config", default="pipelines.yaml")
+    p.set_defaults(fn=cmd_check_config)
+    args = parser.parse_args(argv)
+
+    try:
+        from alignflow.layout import find_root
+        root = find_root()
+    except FileNotFoundError:
+        root = None
+    _embedded_defaults(root)
+    from alignflow.config import ConfigError
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""One validated config for `pipelines.yaml`.
+
+Every field is documented once, here. A wrong key, type or value fails before any work starts with
+a message naming the key path (`pipelines.tiny.rl.lr`) and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: key path and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- curate
+class GeneratorConfig(Strict):
+    """Sizes of the built-in arithmetic task's splits (see alignflow/data/task.py)."""
+    seed: int = 0
+    n_sft: int = Field(4000, ge=1, description="demonstrations with worked steps")
+    n_rl: int = Field(2000, ge=1, description="RL prompts")
+    n_logged: int = Field(500, ge=1, description="prompts the behaviour policy is logged on")
+    n_eval: int = Field(500, ge=1, description="held-out prompts, training distribution")
+    n_ood: int = Field(500, ge=1, description="held-out prompts, shifted (3-digit) distribution")
+    n_real: int = Field(300, ge=1, description="unlabelled prompts phrased in words")
+    max_digits: int = Field(2, ge=1, le=4, description="operand digits in the training distribution")
+    ood_digits: int = Field(3, ge=2, le=5, description="operand digits of the OOD split")
+    long_share: float = Field(0.15, ge=0, le=1, description="share of training problems with long operands")
+    n_corpus: int = Field(40000, ge=10, description="raw sums in the base model's pre-training corpus")
+
+
+class SourceConfig(Strict):
+    """A user-supplied data file (JSONL, Parquet, or an HF dataset saved with save_to_disk)."""
+    path: str
+    split: Literal["sft", "rl", "logged", "eval", "ood", "real"] = "sft"
+
+
+class CurateConfig(Strict):
+    generator: GeneratorConfig | None = Field(default_factory=GeneratorConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    max_chars: int = Field(1024, ge=8, description="rows whose prompt+response exceed this are quarantined")
+
+
+# ---------------------------------------------------------------- models
+class TinyModelConfig(Strict):
+    """Shape of the Qwen2-architecture model trained from scratch for the embedded default."""
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+class BaseConfig(Strict):
+    path: str | None = Field(None, description="a local model directory; null trains a tiny model from scratch")
+    model: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seq_len: int = Field(64, ge=8)
+    lr: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _path_exists(self):
+        if self.path is not None and not (Path(self.path) / "config.json").exists():
+            raise ValueError(f"model path {self.path!r} has no config.json (a save_pretrained directory is expected)")
+        return self
+
+
+class SFTConfig(Strict):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    eval_every: int = Field(10, ge=1, description="greedy validation every N steps")
+    stop_at_accuracy: float | None = Field(
+        0.5, ge=0, le=1, description="stop once greedy validation accuracy reaches this (null: run all steps)")
+    checkpoint_every: int = Field(50, ge=1)
+
+
+# ---------------------------------------------------------------- rl
+class CandidateConfig(Strict):
+    """One RL run; every (seed, checkpoint) pair becomes a candidate policy named `<name>-s<seed>-<step>`."""
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    algorithm: str = "grpo"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: int = Field(300, ge=1)
+    checkpoints: list[int] = Field(default_factory=lambda: [150, 300], min_length=1)
+    lr: float = Field(1e-4, gt=0)
+    hparams: dict[str, float] = Field(default_factory=dict, description="algorithm constants, e.g. clip_eps")
+
+    @model_validator(mode="after")
+    def _checkpoints_in_range(self):
+        bad = [c for c in self.checkpoints if not 1 <= c <= self.steps]
+        if bad:
+            raise ValueError(f"checkpoints {bad} are outside 1..steps ({self.steps})")
+        return self
+
+
+class RLConfig(Strict):
+    candidates: list[CandidateConfig] = Field(default_factory=lambda: [CandidateConfig(name="grpo")], min_length=1)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2, description="responses per prompt (group-relative methods need >= 2)")
+    ppo_epochs: int = Field(1, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    engine: Literal["transformers", "vllm"] = "transformers"
+
+
+# ---------------------------------------------------------------- logged / ope / evaluate
+class LoggedConfig(Strict):
+    n_responses: int = Field(500, ge=1, description="logged responses (one per logged prompt, cycling)")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+Estimator = Literal["dm", "tis", "pdis", "sntis", "snpdis", "dr", "sndr"]
+
+
+class SelectionConfig(Strict):
+    estimator: Estimator = "snpdis"
+    rule: Literal["estimate", "lower_bound"] = Field(
+        "estimate", description="highest point estimate, or highest lower confidence bound")
+    margin: float = Field(0.0, ge=0, description="promotion gate: beat the current champion's estimate by this")
+
+
+class OPEConfig(Strict):
+    estimators: list[Estimator] = Field(default_factory=lambda: ["tis", "pdis", "sntis", "snpdis"], min_length=1)
+    n_bootstrap: int = Field(200, ge=10)
+    ci_alpha: float = Field(0.05, gt=0, lt=1)
+    select: SelectionConfig = Field(default_factory=SelectionConfig)
+    top_k: int = Field(4, ge=2, description="largest k for SharpeRatio@k")
+    registered_model: str = "alignflow-policy"
+
+    @model_validator(mode="after")
+    def _select_is_run(self):
+        if self.select.estimator not in self.estimators:
+            raise ValueError(f"select.estimator {self.select.estimator!r} must be one of estimators {self.estimators}")
+        return self
+
+
+class EvaluateConfig(Strict):
+    max_new_tokens: int = Field(32, ge=1)
+    value_samples: int = Field(2, ge=1, description="sampled responses per eval prompt for the true value")
+    batch_size: int = Field(500, ge=1)
+
+
+# ---------------------------------------------------------------- pipeline
+class PipelineConfig(Strict):
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    base: BaseConfig = Field(default_factory=BaseConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    logged: LoggedConfig = Field(default_factory=LoggedConfig)
+    ope: OPEConfig = Field(default_factory=OPEConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        from alignflow.algorithms import ALGORITHMS
+        for i, cand in enumerate(self.rl.candidates):
+            if cand.algorithm not in ALGORITHMS:
+                raise ValueError(f"rl.candidates.{i}.algorithm: unknown algorithm {cand.algorithm!r}; "
+                                 f"allowed: {sorted(ALGORITHMS)}")
+        names = [c.name for c in self.rl.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rl.candidates: names must be unique, got {names}")
+        n_candidates = sum(len(c.seeds) * len(c.checkpoints) for c in self.rl.candidates) + 1  # + SFT
+        if self.ope.top_k > n_candidates:
+            raise ValueError(f"ope.top_k = {self.ope.top_k} exceeds the number of candidates ({n_candidates})")
+        return self
+
+    def candidate_names(self) -> list[str]:
+        return [f"{c.name}-s{seed}-{step}" for c in self.rl.candidates for seed in c.seeds for step in c.checkpoints]
+
+
+class ProjectConfig(Strict):
+    tracked: list[str] = Field(min_length=1, description="pipelines that dvc.yaml instantiates (stage@pipeline)")
+    pipelines: dict[str, PipelineConfig]
+
+    @model_validator(mode="after")
+    def _tracked_exist(self):
+        missing = [t for t in self.tracked if t not in self.pipelines]
+        if missing:
+            raise ValueError(f"tracked names unknown pipelines {missing}; defined: {sorted(self.pipelines)}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; allowed: {e['ctx']['expected']}"
+        elif "ctx" in e and e["type"] in {"greater_than", "greater_than_equal", "less_than_equal", "less_than"}:
+            msg = f"got {e['input']!r}; {e['msg'].lower()}"
+        lines.append(f"{path}: {msg}")
+    return "invalid pipelines.yaml:\n  " + "\n  ".join(lines)
+
+
+def parse_project(raw: dict) -> ProjectConfig:
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_project(path: str | Path = "pipelines.yaml") -> ProjectConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run from the project root, where dvc.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys 'tracked' and 'pipelines'")
+    return parse_project(raw)
+
+
+def load_pipeline(name: str, path: str | Path = "pipelines.yaml") -> PipelineConfig:
+    project = load_project(path)
+    if name not in project.pipelines:
+        raise ConfigError(f"--pipeline {name!r}: unknown; defined in {path}: {sorted(project.pipelines)}")
+    return project.pipelines[name]
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides to a parsed pipelines.yaml (values parsed as YAML), for validation
+    before DVC writes them (the file is then changed by DVC's own hydra override code)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-S {item!r}: expected key.path=value")
+        node, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if node is None:
+                raise ConfigError(f"-S {item!r}: {key} does not name a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw

@@ -1,0 +1,95 @@
+"""The embedded default task: addition with worked column steps, generated from a seed.
+
+    prompt   "47+85=?"
+    response "7+5=12;4+8+1=13;A:132"
+
+Splits (disjoint operand pairs): sft demonstrations, rl prompts, logged prompts, eval (training
+distribution), ood (longer operands: the training mix has `long_share` of them, so the shift is
+learnable), real (the same sums asked in words, "what is 47 plus 85", unlabelled; the answers are kept
+apart for measuring true values only), and the raw pre-training corpus, which phrases sums both ways
+so the base model has seen the words of the real split.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+ANSWER_RE = re.compile(r"A:(-?\d+)\s*$")
+
+
+def worked_steps(a: int, b: int) -> str:
+    """Column addition from the right; a missing digit is written as 0, the carry as a third term."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+        carry = total // 10
+    return ";".join(steps) + f";A:{a + b}"
+
+
+def prompt_of(a: int, b: int) -> str:
+    return f"{a}+{b}=?"
+
+
+def words_prompt_of(a: int, b: int) -> str:
+    return f"what is {a} plus {b}"
+
+
+def extract_answer(completion: str) -> str | None:
+    match = ANSWER_RE.search(completion.strip())
+    return match.group(1) if match else None
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _pair(rng: random.Random, max_digits: int, long_digits: int, long_share: float) -> tuple[int, int]:
+    if rng.random() < long_share:
+        return _operand(rng, long_digits), _operand(rng, long_digits)
+    return _operand(rng, rng.randint(1, max_digits)), _operand(rng, rng.randint(1, max_digits))
+
+
+def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int = 500, n_eval: int = 500,
+             n_ood: int = 500, n_real: int = 300, max_digits: int = 2, ood_digits: int = 3,
+             long_share: float = 0.15, n_corpus: int = 40000) -> dict[str, list[dict]]:
+    """Rows per split: {"prompt", "response", "answer"} (response None where the split has no demonstration)."""
+    rng = random.Random(seed)
+    used: set[tuple[int, int]] = set()
+
+    def draw(n: int, digits: int, long_share_: float) -> list[tuple[int, int]]:
+        pairs: list[tuple[int, int]] = []
+        for _ in range(n * 50):
+            if len(pairs) == n:
+                break
+            pair = _pair(rng, digits, ood_digits, long_share_)
+            if pair not in used:
+                used.add(pair)
+                pairs.append(pair)
+        return pairs  # fewer than n only when the distribution runs out of unique pairs
+
+    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, ood_digits, 1.0),
+                "real": draw(n_real, max_digits, long_share), "logged": draw(n_logged, max_digits, long_share)}
+    train = {"sft": draw(n_sft, max_digits, long_share), "rl": draw(n_rl, max_digits, long_share)}
+
+    def labelled(pairs, with_response: bool, words: bool = False) -> list[dict]:
+        return [{"prompt": (words_prompt_of if words else prompt_of)(a, b),
+                 "response": worked_steps(a, b) if with_response else None,
+                 "answer": str(a + b)} for a, b in pairs]
+
+    splits = {"sft": labelled(train["sft"], True), "rl": labelled(train["rl"], False),
+              "logged": labelled(held_out["logged"], False), "eval": labelled(held_out["eval"], False),
+              "ood": labelled(held_out["ood"], False), "real": labelled(held_out["real"], False, words=True)}
+    # Pre-training text: bare sums in both phrasings over pairs outside every held-out split.
+    held_out_pairs = {pair for pairs in held_out.values() for pair in pairs}
+    corpus = []
+    while len(corpus) < n_corpus:
+        a, b = _pair(rng, ood_digits, ood_digits, 0.0)
+        if (a, b) in held_out_pairs:
+            continue
+        corpus.append(f"{a}+{b}={a + b}" if rng.random() < 0.7 else f"{a} plus {b} is {a + b}")
+    splits["corpus"] = [{"prompt": text, "response": None, "answer": None} for text in corpus]
+    return splits

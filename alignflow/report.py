@@ -1,0 +1,116 @@
+"""reports/<pipeline>/report.html: one self-contained page (plots as embedded PNGs; DVC's own HTML loads
+vega from a CDN and is blank offline), plus the CSVs DVC plots read."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from alignflow.layout import Layout, write_csv  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _curves(layout: Layout) -> list[str]:
+    figs = []
+    for name, y in (("base_curve", ["loss"]), ("sft_curve", ["loss", "val_accuracy"]), ("rl_curve", ["reward"])):
+        path = layout.metrics / f"{name}.csv"
+        if not path.exists():
+            continue
+        df = pd.read_csv(path)
+        fig, axes = plt.subplots(1, len(y), figsize=(5 * len(y), 3.2), squeeze=False)
+        for ax, col in zip(axes[0], y):
+            groups = df.groupby("run") if "run" in df else [(name, df)]
+            for label, g in groups:
+                g = g.dropna(subset=[col])
+                ax.plot(g["step"], g[col].rolling(10 if col == "reward" else 1, min_periods=1).mean(), label=str(label))
+            ax.set(title=f"{name.removesuffix('_curve')}: {col}", xlabel="step")
+            if "run" in df:
+                ax.legend(fontsize=7)
+        figs.append(_png(fig))
+    return figs
+
+
+def _estimates_vs_true(layout: Layout, metrics: dict, ope_out: dict) -> str:
+    rows, true = [], {n: p["sampled_value"] for n, p in metrics["policies"].items()}
+    for est, res in ope_out["estimators"].items():
+        for cand, e in res["estimates"].items():
+            rows.append({"estimator": est, "candidate": cand, "estimate": e["value"], "ci_low": e["ci_low"],
+                         "ci_high": e["ci_high"], "true_value": true.get(cand)})
+    write_csv(layout.metrics / "ope_vs_true.csv", rows)
+    df = pd.DataFrame(rows)
+    ests = list(ope_out["estimators"])
+    fig, axes = plt.subplots(1, len(ests), figsize=(4 * len(ests), 3.5), squeeze=False, sharey=True)
+    for ax, est in zip(axes[0], ests):
+        d = df[df.estimator == est]
+        ax.errorbar(d["true_value"], d["estimate"], yerr=[d["estimate"] - d["ci_low"], d["ci_high"] - d["estimate"]],
+                    fmt="o", ms=4, capsize=2)
+        lo, hi = min(d["true_value"].min(), d["ci_low"].min()), max(d["true_value"].max(), d["ci_high"].max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(title=est, xlabel="true value (sampled)", ylabel="estimate with CI")
+    return _png(fig)
+
+
+def _sharpe(layout: Layout, selection: dict) -> str:
+    rows = [{"estimator": est, "k": int(k), "sharpe_ratio": v}
+            for est, s in selection.items() if "sharpe_ratio_at_k" in s
+            for k, v in s["sharpe_ratio_at_k"].items()]
+    write_csv(layout.metrics / "sharpe_ratio_at_k.csv", rows)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for est, g in pd.DataFrame(rows).groupby("estimator"):
+        ax.plot(g["k"], g["sharpe_ratio"].astype(float), marker="o", label=est)
+    ax.set(title="SharpeRatio@k", xlabel="k")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+                                     for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
+    policies = [{"policy": n, **p} for n, p in metrics["policies"].items()]
+    selection = {k: v for k, v in metrics["selection"].items() if k != "vsdr"}
+    sel_rows = [{"estimator": e, "regret@1": s.get("regret_at_1"), "nMSE": s.get("nmse"),
+                 "rank corr.": s.get("rank_correlation")} for e, s in selection.items()]
+    vsdr = metrics["selection"].get("vsdr", {})
+    vsdr_rows = [{"ranking": k, "spearman": vsdr.get("spearman", {}).get(k), "regret@1": vsdr.get("regret_at_1", {}).get(k)}
+                 for k in ("vsdr", "sim_only", "ood_only")]
+    scores = ope_out.get("vsdr", {}).get("scores", {})
+    parts = [
+        f"<h1>alignflow report: {html.escape(layout.pipeline)}</h1>",
+        f"<p>Champion (chosen by <code>{html.escape(ope_out['rule'])}</code> from estimates alone): "
+        f"<b>{html.escape(metrics['champion'])}</b>; regret {metrics['champion_regret']:.3f}; "
+        f"behaviour value {metrics['behavior_value']:.3f}; promoted: {ope_out['promoted']} "
+        f"({html.escape(ope_out['promotion_reason'])}).</p>",
+        "<h2>Policies (true values)</h2>", _table(policies),
+        "<h2>Learning curves</h2>", *_curves(layout),
+        "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
+        "<h2>Selection quality</h2>", _sharpe(layout, selection), _table(sel_rows),
+        "<h2>VSDR ranking</h2>", _table(vsdr_rows),
+        _table([{"candidate": n, "vsdr_score": s} for n, s in sorted(scores.items(), key=lambda kv: -kv[1])]),
+    ]
+    style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
+    path = layout.reports / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,114 @@
+"""Rollout engines: prompts -> completions with token ids and the per-token log-probs of the distribution
+actually sampled from. One interface; `transformers` (in-process, default) and `vllm` (own process).
+
+After every policy update the loop calls `sync(model)`, which loads the weights and then *verifies* them:
+the engine's log-probs of a fixed probe sequence must match the trainer's, else `WeightSyncError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    greedy: bool = False
+
+
+@dataclass
+class Completions:
+    """n completions per prompt, prompt-major. B = len(prompts) * n."""
+    input_ids: torch.Tensor         # [B, P + T] left-padded prompt ids then completion ids (pad after EOS)
+    attention_mask: torch.Tensor    # [B, P + T]
+    completion_mask: torch.Tensor   # [B, T] 1 on generated tokens up to and including EOS
+    logprobs: torch.Tensor          # [B, T] log-prob of each sampled token under the sampled distribution
+    texts: list[str]                # decoded completions, special tokens removed
+    prompt_index: torch.Tensor      # [B] which prompt each completion answers
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, -self.completion_mask.shape[1]:]
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
+                   temperature: float = 1.0, return_entropy: bool = False):
+    """Log-prob of each of the last `completion_len` tokens given everything before it. -> [B, T]
+    Only the completion positions' logits are materialised (never the full [B, L, vocab] in fp32)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    logits = model.lm_head(hidden[:, -completion_len - 1:-1]).float() / temperature   # [B, T, V]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, -completion_len:, None]).squeeze(-1)
+    if return_entropy:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp
+
+
+class TransformersEngine:
+    """transformers `generate` on the trainer's own model object (so a sync is a no-op, but still verified)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, probe_text: str = "<|user|>12+34=?<|assistant|>2+4=6;1+3=4;A:46<|end|>",
+                 tolerance: float = 1e-4):
+        self.model, self.tokenizer, self.tolerance = model, tokenizer, tolerance
+        self.probe = tokenizer(probe_text, return_tensors="pt")["input_ids"].to(model.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:
+        tok, model = self.tokenizer, self.model
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        ids = enc["input_ids"].repeat_interleave(n, 0)
+        mask = enc["attention_mask"].repeat_interleave(n, 0)
+        was_training = model.training
+        model.eval()
+        kwargs = dict(do_sample=False) if sampling.greedy else dict(do_sample=True, temperature=sampling.temperature,
+                                                                     top_k=0, top_p=1.0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, **kwargs)
+        model.train(was_training)
+        completion = out.sequences[:, ids.shape[1]:]                               # [B, T]
+        scores = torch.stack(out.scores, 1).float()                                 # [B, T, V] processed logits
+        logprobs = F.log_softmax(scores, -1).gather(-1, completion[..., None]).squeeze(-1)
+        # generated tokens: everything up to and including the first EOS
+        is_eos = completion == tok.eos_token_id
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        completion_mask = (~after_eos).long()
+        completion = completion.masked_fill(after_eos, tok.pad_token_id)
+        texts = tok.batch_decode(completion, skip_special_tokens=True)
+        return Completions(input_ids=torch.cat([ids, completion], 1),
+                           attention_mask=torch.cat([mask, completion_mask], 1),
+                           completion_mask=completion_mask, logprobs=logprobs.masked_fill(after_eos, 0.0),
+                           texts=texts, prompt_index=torch.arange(len(prompts)).repeat_interleave(n))
+
+    @torch.no_grad()
+    def probe_logprobs(self) -> torch.Tensor:
+        mask = torch.ones_like(self.probe)
+        return token_logprobs(self.model, self.probe, mask, self.probe.shape[1] - 1)
+
+    def sync(self, trainer_model) -> float:
+        """Load the trainer's weights (shared object here) and verify with the probe; returns max |diff|."""
+        with torch.no_grad():
+            mask = torch.ones_like(self.probe)
+            expected = token_logprobs(trainer_model, self.probe, mask, self.probe.shape[1] - 1)
+        diff = (self.probe_logprobs() - expected).abs().max().item()
+        if not diff <= self.tolerance:
+            raise WeightSyncError(f"{self.name} engine log-probs of the probe differ from the trainer's by {diff:.2e} "
+                                  f"(tolerance {self.tolerance:.0e}): the weight sync did not take")
+        return diff
+
+
+def make_engine(name: str, model, tokenizer):
+    if name == "transformers":
+        return TransformersEngine(model, tokenizer)
+    from alignflow.rollout.vllm_engine import VLLMEngine  # own process and environment
+    return VLLMEngine(model, tokenizer)

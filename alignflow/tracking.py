@@ -1,0 +1,132 @@
+"""The one module that talks to MLflow. Stages call `stage_run(...)` and log through the returned object.
+
+Embedded mode: a SQLite store at `<root>/mlflow.db`, artifacts under `<root>/mlruns`. Scaled mode: set
+MLFLOW_TRACKING_URI (an `http://` server). Under `alignflow run` the pipeline's parent run id arrives in
+ALIGNFLOW_PARENT_RUN_ID and each stage becomes a nested run; under a plain `dvc repro` each stage logs a
+run of its own with the same tags. Every run carries its lineage: git commit, the dvc.lock hashes of its
+inputs, its resolved config and its datasets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # log_model otherwise spends ~50 s on hub lookups
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+
+PARENT_ENV = "ALIGNFLOW_PARENT_RUN_ID"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def setup(root: Path, pipeline: str) -> str:
+    mlflow.set_tracking_uri(tracking_uri(root))
+    name = f"alignflow-{pipeline}"
+    if mlflow.get_experiment_by_name(name) is None and tracking_uri(root).startswith("sqlite"):
+        mlflow.create_experiment(name, artifact_location=(root / "mlruns").resolve().as_uri())
+    mlflow.set_experiment(name)
+    return name
+
+
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def input_hashes(root: Path, inputs: list[str]) -> dict[str, str]:
+    """md5 of each input as recorded in dvc.lock by the stage that produced it."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    recorded = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            recorded[out["path"]] = out.get("md5", "")
+    return {path: recorded.get(path, "not in dvc.lock") for path in inputs}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+@contextmanager
+def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[str]):
+    """Open the stage's MLflow run (nested under the pipeline run when there is one) with its lineage."""
+    setup(root, pipeline)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"alignflow.pipeline": pipeline, "alignflow.stage": stage, "git_commit": git_commit(root),
+            "alignflow.launcher": "alignflow run" if parent else "dvc repro"}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+        mlflow.log_params(_flatten(config))
+        mlflow.log_dict(config, f"config/{stage}.json")
+        hashes = input_hashes(root, inputs)
+        mlflow.log_dict(hashes, "lineage/inputs.json")
+        mlflow.set_tags({f"dvc.input.{p}": h for p, h in hashes.items()})
+        yield run
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def log_dataset(path: Path, name: str, context: str) -> None:
+    import pandas as pd
+    df = pd.read_parquet(path)
+    mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name=name), context=context)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    if Path(path).is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def register_policy(model_dir: Path, registered_name: str, alias: str, tags: dict) -> str:
+    """Log a transformers model (as objects: a path crashes on transformers 5) and point `alias` at it.
+    The version the alias pointed at before keeps alias `previous`. Returns the new version."""
+    from alignflow.models import load
+    model, tokenizer = load(model_dir)
+    info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
+                                         name="policy", task="text-generation",
+                                         pip_requirements=["torch==2.13.0", "transformers==5.24.0"],
+                                         registered_model_name=registered_name)
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    try:
+        current = client.get_model_version_by_alias(registered_name, alias)
+        if current.version != version:
+            client.set_registered_model_alias(registered_name, "previous", current.version)
+    except mlflow.exceptions.MlflowException:
+        pass  # first champion
+    client.set_registered_model_alias(registered_name, alias, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return version
+
+
+def current_alias(registered_name: str, alias: str):
+    """(version, tags) of the model version an alias points at, or None."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(registered_name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return mv.version, dict(mv.tags)

@@ -1,0 +1,110 @@
+"""Next-token training shared by `base` (packed raw text) and `sft` (chat template, loss on the response only)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from alignflow import checkpoint
+from alignflow.models import chat_prompt
+
+IGNORE = -100
+
+
+def pack_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long stream of token ids, documents separated by EOS. -> [N]"""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+def packed_batches(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """Random windows of the stream; labels are the inputs (the model shifts them)."""
+    def next_batch() -> dict:
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
+        ids = torch.stack([stream[s:s + seq_len] for s in starts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return next_batch
+
+
+def sft_examples(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) with the chat template applied and labels only on the response (+ end token)."""
+    prompt_ids = tokenizer([chat_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([r + tokenizer.eos_token for r in responses], add_special_tokens=False)["input_ids"]
+    return [(p + r, [IGNORE] * len(p) + r) for p, r in zip(prompt_ids, response_ids)]
+
+
+def sft_batches(examples, batch_size: int, pad_id: int, generator: torch.Generator):
+    def next_batch() -> dict:
+        idx = torch.randint(0, len(examples), (batch_size,), generator=generator).tolist()
+        width = max(len(examples[i][0]) for i in idx)
+        ids = torch.full((batch_size, width), pad_id)
+        labels = torch.full((batch_size, width), IGNORE)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, i in enumerate(idx):  # right padding: positions stay 0..n-1
+            n = len(examples[i][0])
+            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(examples[i][0]), torch.tensor(examples[i][1]), 1)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return next_batch
+
+
+@dataclass
+class TrainResult:
+    steps_run: int
+    resumed_from: int
+    stopped_early: bool
+    last_loss: float
+
+
+def cosine_with_warmup(optimizer, steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, *, steps: int, lr: float,
+             ckpt_dir: Path, checkpoint_every: int, on_log: Callable[[int, dict], None],
+             validate: Callable[[], dict] | None = None, validate_every: int = 0,
+             stop: Callable[[dict], bool] | None = None, desc: str = "train") -> TrainResult:
+    """AdamW + cosine schedule; resumes from `ckpt_dir` if a checkpoint is there (the data generator's state
+    is part of it, so a resumed run sees the same batches as an uninterrupted one)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = cosine_with_warmup(optimizer, steps, warmup=max(1, steps // 20))
+    state = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
+    start = state["step"] if state else 0
+    if state:
+        generator.set_state(state["extra"]["data_generator"])
+        if state["extra"].get("stopped"):
+            return TrainResult(start, start, True, float("nan"))
+    model.train()
+    loss_value, stopped = float("nan"), False
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
+    for step in bar:
+        loss = model(**next_batch()).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        loss_value = loss.item()
+        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+        if validate and validate_every and ((step + 1) % validate_every == 0 or step + 1 == steps):
+            metrics.update(validate())
+            model.train()
+            stopped = bool(stop and stop(metrics))
+        on_log(step + 1, metrics)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if stopped or (step + 1) % checkpoint_every == 0:
+            checkpoint.save(ckpt_dir, step + 1, model, optimizer, scheduler,
+                            extra={"data_generator": generator.get_state(), "stopped": stopped})
+        if stopped:
+            break
+    bar.close()
+    return TrainResult(steps_run=step + 1 - start if steps > start else 0, resumed_from=start,
+                       stopped_early=stopped, last_loss=loss_value)

@@ -1,0 +1,96 @@
+"""post_training: the whole chain, stage by stage, through DVC, so a stage whose inputs did not change is
+skipped (whichever way the pipeline was started: this flow, or `dvc repro` from the shell).
+
+Overrides (`-S key.path=value`) are validated against the config model first, then written into
+pipelines.yaml by DVC's own override code (the mechanism behind `dvc exp run -S`), so DVC sees each
+change as a params change and never skips a stage on stale outputs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from alignflow import tracking
+from alignflow.config import ConfigError, load_project
+from alignflow.layout import find_root
+from flows import STAGES
+
+
+@contextmanager
+def at(root: Path):
+    before = Path.cwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def apply_overrides(root: Path, pipeline: str, overrides: list[str]) -> None:
+    """Validate `pipelines.<pipeline>.<key>=value` overrides on a copy, then let DVC write them."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    full = [f"pipelines.{pipeline}.{o}" for o in overrides]
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "pipelines.yaml"
+        shutil.copy(root / "pipelines.yaml", trial)
+        try:
+            dvc_apply(trial, full)
+        except InvalidArgumentError as err:
+            cause = err.__cause__ or err
+            raise ConfigError(f"-S {' '.join(overrides)}: {str(cause).splitlines()[0]}") from None
+        load_project(trial)  # raises ConfigError naming the key and what is allowed
+    dvc_apply(root / "pipelines.yaml", full)
+
+
+@task
+def reproduce(root: Path, target: str) -> list[str]:
+    """`dvc repro -s <target>`: runs the stage only if its deps, params or outs changed."""
+    from dvc.repo import Repo
+    with at(root), Repo(str(root)) as repo:
+        return [stage.addressing for stage in repo.reproduce(targets=[target], single_item=True)]
+
+
+@flow(name="post_training", flow_run_name="post-training-{pipeline}", log_prints=True)
+def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) -> dict:
+    root = find_root()
+    project = load_project(root / "pipelines.yaml")
+    if pipeline not in project.tracked:
+        raise ConfigError(f"--pipeline {pipeline!r} is not in `tracked` of pipelines.yaml ({project.tracked}); "
+                          "add it there so dvc.yaml instantiates its stages")
+    if overrides:
+        apply_overrides(root, pipeline, overrides)
+    if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
+        from prefect.server.api.server import SubprocessASGIServer
+        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
+    tracking.setup(root, pipeline)
+    ran: dict[str, list[str]] = {}
+    with mlflow.start_run(run_name=f"post_training-{pipeline}",
+                          tags={"alignflow.pipeline": pipeline, "git_commit": tracking.git_commit(root)}) as parent:
+        mlflow.log_params({"pipeline": pipeline, "overrides": " ".join(overrides or [])})
+        mlflow.log_dict(project.pipelines[pipeline].model_dump(), "config/pipeline.json")
+        os.environ[tracking.PARENT_ENV] = parent.info.run_id
+        try:
+            for stage in STAGES:
+                ran[stage] = reproduce(root, f"{stage}@{pipeline}")
+                print(f"{stage}: {'ran' if ran[stage] else 'up to date, skipped'}")
+        finally:
+            os.environ.pop(tracking.PARENT_ENV, None)
+        evaluate_json = root / "metrics" / pipeline / "evaluate.json"
+        if evaluate_json.exists():
+            mlflow.log_artifact(str(evaluate_json), "metrics")
+            import json
+            result = json.loads(evaluate_json.read_text())
+            for name, values in result["policies"].items():
+                mlflow.log_metrics({f"{name}.{k}": v for k, v in values.items()})
+    create_table_artifact(key=f"post-training-{pipeline}".replace("_", "-"),
+                          table=[{"stage": s, "ran": bool(r)} for s, r in ran.items()])
+    return ran

@@ -1,0 +1,23 @@
+"""dvc.yaml and alignflow/layout.py declare the same paths; every stage has its flow, every flow its stage."""
+import yaml
+
+from alignflow.layout import Layout
+from flows import STAGES
+from tests.conftest import REPO
+
+
+def test_dvc_yaml_matches_layout():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == STAGES
+    layout = Layout(REPO, "${item}")
+    expected_outs = {"curate": layout.curated, "base": layout.base, "sft": layout.sft, "rl": layout.rl,
+                     "logged": layout.logged, "ope": layout.ope}
+    for name, path in expected_outs.items():
+        assert stages[name]["do"]["outs"] == [layout.rel(path)], name
+    for name in STAGES:
+        do = stages[name]["do"]
+        assert do["cmd"] == f"alignflow stage {name} --pipeline ${{item}}"
+        assert f"flows/{name}.py" in do["deps"]
+        assert (REPO / "flows" / f"{name}.py").exists()
+        metric = list(do["metrics"][0])[0]
+        assert metric == f"{layout.rel(layout.metrics)}/{name}.json"

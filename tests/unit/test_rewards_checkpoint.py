@@ -1,0 +1,55 @@
+import random
+
+import numpy as np
+import torch
+
+from alignflow import checkpoint
+from alignflow.data.task import generate, worked_steps
+from alignflow.rewards import accuracy_reward, safe_rewards, steps_consistent
+
+
+def test_worked_steps_by_hand():
+    assert worked_steps(47, 85) == "7+5=12;4+8+1=13;A:132"
+    assert worked_steps(7, 85) == "7+5=12;0+8+1=9;A:92"
+
+
+def test_rewards():
+    assert accuracy_reward(["47+85=?"] * 3, ["7+5=12;4+8+1=13;A:132", "A:131", "garbage"], answer=["132"] * 3) == [1, 0, 0]
+    # a right answer with wrong steps is accurate but not steps-consistent
+    assert steps_consistent(["22+13=?", "22+13=?"], ["2+3=5;2+1=3;A:35", "2+3=5;1+1=2;A:35"]) == [1.0, 0.0]
+
+
+def test_reward_exception_is_a_per_sample_error():
+    def flaky(prompts, completions, **kw):
+        if any("boom" in c for c in completions):
+            raise ValueError("boom")
+        return [1.0] * len(completions)
+    rewards, errors = safe_rewards(flaky, ["a", "b", "c"], ["ok", "boom", "ok"])
+    assert rewards == [1.0, 0.0, 1.0] and errors == 1
+
+
+def test_splits_are_disjoint_and_seeded():
+    a, b = generate(seed=3, n_corpus=100), generate(seed=3, n_corpus=100)
+    assert a == b
+    held = {r["prompt"] for s in ("eval", "ood", "logged") for r in a[s]}
+    train = {r["prompt"] for s in ("sft", "rl") for r in a[s]}
+    assert not held & train
+    assert all(r["response"] is None for r in a["real"]) and a["real"][0]["prompt"].startswith("what is")
+
+
+def test_checkpoint_roundtrip_restores_rng_and_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    random.seed(1); np.random.seed(1); torch.manual_seed(1)
+    checkpoint.save(tmp_path, 7, model, opt, extra={"pos": torch.tensor(5)})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    state = checkpoint.load_latest(tmp_path, fresh, fresh_opt)
+    assert state["step"] == 7 and int(state["extra"]["pos"]) == 5
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert not list(tmp_path.glob(".tmp-*"))
