@@ -29,11 +29,11 @@ class GeneratorConfig(Strict):
     n_rl: int = Field(2000, ge=1, description="RL prompts")
     n_logged: int = Field(500, ge=1, description="prompts the behaviour policy is logged on")
     n_eval: int = Field(500, ge=1, description="held-out prompts, training distribution")
-    n_ood: int = Field(500, ge=1, description="held-out prompts, shifted (3-digit) distribution")
-    n_real: int = Field(300, ge=1, description="unlabelled prompts phrased in words")
+    n_ood: int = Field(500, ge=1, description="held-out prompts behind a phrasing no demonstration uses")
+    n_real: int = Field(300, ge=1, description="unlabelled prompts phrased as people write them")
     max_digits: int = Field(2, ge=1, le=4, description="operand digits in the training distribution")
-    ood_digits: int = Field(3, ge=2, le=5, description="operand digits of the OOD split")
-    long_share: float = Field(0.15, ge=0, le=1, description="share of training problems with long operands")
+    long_digits: int = Field(3, ge=2, le=5, description="operand digits of the occasional long problem")
+    long_share: float = Field(0.15, ge=0, le=1, description="share of problems with long operands")
     n_corpus: int = Field(40000, ge=10, description="raw sums in the base model's pre-training corpus")
 
 

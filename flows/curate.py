@@ -11,15 +11,18 @@ from tasks.common import open_stage, publish_summary, tracked, write_metrics
 
 @task
 def curate_sources(ctx) -> dict:
-    return core.curate(ctx.cfg.curate, ctx.layout.curated, ctx.root)
+    return core.curate(ctx.cfg.curate, ctx.layout.curated, ctx.root)  # {counts, unreadable}
 
 
 @flow(name="curate", flow_run_name="curate-{pipeline}", log_prints=True)
 def curate(pipeline: str = "tiny") -> dict:
     ctx = open_stage("curate", pipeline, inputs=[])
     with tracked(ctx, ctx.cfg.curate.model_dump()) as run:
-        counts = curate_sources(ctx)
-        write_metrics(ctx, counts)
+        result = curate_sources(ctx)
+        counts = result["counts"]
+        for bad in result["unreadable"]:
+            print(f"unreadable, set aside: {bad['path']}: {bad['problem']}")
+        write_metrics(ctx, {**counts, "unreadable_files": len(result["unreadable"])})
         from alignflow import tracking
         for split in ("sft", "rl", "eval"):
             if (ctx.layout.curated / f"{split}.parquet").exists():
@@ -28,4 +31,4 @@ def curate(pipeline: str = "tiny") -> dict:
         tracking.log_artifact(ctx.layout.curated / "validation.json", "curate")
         publish_summary(ctx, run.info.run_id, f"{counts.get('quarantined', 0)} rows quarantined",
                         [{"split": k, "rows": v} for k, v in counts.items() if isinstance(v, int)])
-    return counts
+    return result

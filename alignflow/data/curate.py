@@ -151,8 +151,10 @@ def _load_builder(builder: str, data_file: Path, path: Path) -> list[dict]:
         try:
             ds = _datasets().load_dataset(builder, data_files=str(data_file), split="train", cache_dir=cache)
             return ds.to_list()
-        except Exception as err:  # reported, not swallowed: the caller gets one line naming the file
-            raise DataFileError(path, f"datasets could not load it ({type(err).__name__}: {err})") from None
+        except Exception as err:  # reported, not swallowed: one line naming the file and the root cause
+            while err.__cause__ is not None:
+                err = err.__cause__
+            raise DataFileError(path, f"datasets could not load it ({type(err).__name__}: {err})"[:300]) from None
 
 
 def _unique_keys(pairs: list) -> dict:

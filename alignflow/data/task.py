@@ -4,10 +4,11 @@
     response "7+5=12;4+8+1=13;A:132"
 
 Splits (disjoint operand pairs): sft demonstrations, rl prompts, logged prompts, eval (training
-distribution), ood (longer operands: the training mix has `long_share` of them, so the shift is
-learnable), real (the same sums asked in words, "what is 47 plus 85", unlabelled; the answers are kept
-apart for measuring true values only), and the raw pre-training corpus, which phrases sums both ways
-so the base model has seen the words of the real split.
+distribution), ood (the same sums behind a phrasing no demonstration uses, "what is 47+85=?": a shift
+the training data leaves learnable; longer operands are not, RECIPES §9 — a 2-digit-trained model writes
+two column steps whatever it is asked), real (the same sums phrased as people write them, "47 plus 85=?",
+"what is 47 plus 85", "47 + 85 =?": unlabelled, the answers kept apart for measuring true values only),
+and the raw pre-training corpus, which phrases sums both ways so the base model has seen those words.
 """
 from __future__ import annotations
 
@@ -34,8 +35,13 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}=?"
 
 
-def words_prompt_of(a: int, b: int) -> str:
-    return f"what is {a} plus {b}"
+OOD_PHRASING = "what is {a}+{b}=?"
+REAL_PHRASINGS = ("{a} plus {b}=?", "what is {a} plus {b}", "{a} + {b} =?")
+
+
+def real_prompt_of(a: int, b: int, rng: random.Random) -> str:
+    """The 'real' traffic: the same sums asked the ways people write them (words the base model has read)."""
+    return rng.choice(REAL_PHRASINGS).format(a=a, b=b)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -54,7 +60,7 @@ def _pair(rng: random.Random, max_digits: int, long_digits: int, long_share: flo
 
 
 def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int = 500, n_eval: int = 500,
-             n_ood: int = 500, n_real: int = 300, max_digits: int = 2, ood_digits: int = 3,
+             n_ood: int = 500, n_real: int = 300, max_digits: int = 2, long_digits: int = 3,
              long_share: float = 0.15, n_corpus: int = 40000) -> dict[str, list[dict]]:
     """Rows per split: {"prompt", "response", "answer"} (response None where the split has no demonstration)."""
     rng = random.Random(seed)
@@ -65,29 +71,30 @@ def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int =
         for _ in range(n * 50):
             if len(pairs) == n:
                 break
-            pair = _pair(rng, digits, ood_digits, long_share_)
+            pair = _pair(rng, digits, long_digits, long_share_)
             if pair not in used:
                 used.add(pair)
                 pairs.append(pair)
         return pairs  # fewer than n only when the distribution runs out of unique pairs
 
-    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, ood_digits, 1.0),
+    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, max_digits, long_share),
                 "real": draw(n_real, max_digits, long_share), "logged": draw(n_logged, max_digits, long_share)}
     train = {"sft": draw(n_sft, max_digits, long_share), "rl": draw(n_rl, max_digits, long_share)}
 
-    def labelled(pairs, with_response: bool, words: bool = False) -> list[dict]:
-        return [{"prompt": (words_prompt_of if words else prompt_of)(a, b),
+    def labelled(pairs, with_response: bool, phrase=None) -> list[dict]:
+        return [{"prompt": phrase(a, b) if phrase else prompt_of(a, b),
                  "response": worked_steps(a, b) if with_response else None,
                  "answer": str(a + b)} for a, b in pairs]
 
     splits = {"sft": labelled(train["sft"], True), "rl": labelled(train["rl"], False),
               "logged": labelled(held_out["logged"], False), "eval": labelled(held_out["eval"], False),
-              "ood": labelled(held_out["ood"], False), "real": labelled(held_out["real"], False, words=True)}
+              "ood": labelled(held_out["ood"], False, lambda a, b: OOD_PHRASING.format(a=a, b=b)),
+              "real": labelled(held_out["real"], False, lambda a, b: real_prompt_of(a, b, rng))}
     # Pre-training text: bare sums in both phrasings over pairs outside every held-out split.
     held_out_pairs = {pair for pairs in held_out.values() for pair in pairs}
     corpus = []
     while len(corpus) < n_corpus:
-        a, b = _pair(rng, ood_digits, ood_digits, 0.0)
+        a, b = _pair(rng, long_digits, long_digits, 0.0)
         if (a, b) in held_out_pairs:
             continue
         corpus.append(f"{a}+{b}={a + b}" if rng.random() < 0.7 else f"{a} plus {b} is {a + b}")

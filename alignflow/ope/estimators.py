@@ -73,7 +73,7 @@ def kish_ess(log_weights: np.ndarray) -> float:
 
 def prepare(logged: LoggedTokens, candidate_logprobs: dict, estimators: list[str], *,
             candidate_states: dict | None = None, seed: int = 0,
-            on_policy_values: dict | None = None, q_form: str = "next_state"):
+            on_policy_values: dict | None = None, q_form: str = "state_baseline"):
     """Encode everything once. Returns (ope, input_dict, groups).
 
     groups: list of (estimator names, candidate names) that can be run together: IS-family
@@ -129,7 +129,7 @@ def _run_group(ope, input_dict: dict, estimators: list[str], names: list[str], *
 def estimate(logged: LoggedTokens, candidate_logprobs: dict[str, list[np.ndarray]],
              estimators: list[str], n_bootstrap: int = 200, alpha: float = 0.05, seed: int = 0,
              candidate_states: dict[str, list[np.ndarray]] | None = None, *,
-             q_form: str = "next_state") -> dict:
+             q_form: str = "state_baseline") -> dict:
     """OPE of every candidate with every estimator.
 
     Returns {estimator: {"estimates": {candidate: {"value", "ci_low", "ci_high"}},

@@ -40,7 +40,7 @@ def _ranking_block(sel: dict, true_values: dict) -> dict:
 def selection_metrics(logged: LoggedTokens, candidate_logprobs: dict[str, list[np.ndarray]],
                       true_returns: dict[str, np.ndarray], estimators: list[str], top_k: int,
                       candidate_states: dict[str, list[np.ndarray]] | None = None,
-                      seed: int = 0, q_form: str = "next_state") -> dict:
+                      seed: int = 0, q_form: str = "state_baseline") -> dict:
     """Selection quality of each estimator against the true values (per estimator dict).
 
     true_returns[c] are candidate c's on-policy returns (its true value is their mean); they go to

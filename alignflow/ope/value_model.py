@@ -11,10 +11,11 @@ the only reward is the verifier reward on the last token). Our adaptation:
   clipped to the observed reward range.
 * Cross-fitting: responses are split at random into 2 folds (seeded); V̂ fitted on one fold predicts
   the other, so no response's Q̂ has seen its own reward (DR's correction term stays honest).
-* ``q_form="next_state"`` (default, as ALGORITHMS.md suggests): Q̂(s_t, logged token) = V̂(s_{t+1})
+* ``q_form="next_state"`` (ALGORITHMS.md's suggestion; biased, see below): Q̂(s_t, logged token) = V̂(s_{t+1})
   and Q̂(s_t, other token) = V̂(s_t): taking the logged token leads to the next logged state; "any
   other token" is approximated by the value before deciding.
-* ``q_form="state_baseline"``: Q̂(s_t, ·) = V̂(s_t) for both actions (an action-independent baseline).
+* ``q_form="state_baseline"`` (our default): Q̂(s_t, ·) = V̂(s_t) for both actions (an
+  action-independent baseline, so DR's control variate has zero mean and DR stays unbiased).
 * Padding steps get Q̂ = 0 (nothing is left to earn after the last token).
 
 Caveats, measured: V̂ is fitted on behaviour-policy data, so it estimates the behaviour policy's
@@ -86,7 +87,7 @@ Q_FORMS = ("next_state", "state_baseline")
 
 
 def q_hat_two_action(logged: LoggedTokens, values: np.ndarray,
-                     q_form: str = "next_state") -> np.ndarray:
+                     q_form: str = "state_baseline") -> np.ndarray:
     """(N*T, 2) Q̂ from per-row V̂, padding 0.
 
     next_state: column 0 (logged token) = V̂(s_{t+1}), column 1 (other) = V̂(s_t).
@@ -104,7 +105,7 @@ def q_hat_two_action(logged: LoggedTokens, values: np.ndarray,
 
 
 def fit_q_hat(logged: LoggedTokens, states: list[np.ndarray], *, seed: int = 0,
-              name: str = "candidate", q_form: str = "next_state") -> np.ndarray:
+              name: str = "candidate", q_form: str = "state_baseline") -> np.ndarray:
     """Cross-fitted Q̂ (return-to-go) of one candidate in the two-action encoding."""
     states = check_states(logged, name, states)
     return q_hat_two_action(logged, cross_fitted_values(logged, states, seed=seed), q_form)

@@ -37,7 +37,8 @@ ROW_LEVEL = {
     "duplicates.jsonl": (5, {}),  # duplicates are read fine; deduplicate() drops them
     "non_objects.jsonl": (2, {2: "not a JSON object (array)", 3: "not a JSON object (string)",
                               4: "not a JSON object (number)", 5: "not a JSON object (null)",
-                              6: "invalid JSON: NaN is not JSON", 7: "invalid JSON: duplicate key 'prompt'"}),
+                              6: "invalid JSON: NaN is not JSON", 7: "invalid JSON: duplicate key 'prompt'",
+                              9: "invalid JSON: lone surrogate escape"}),
     "chat_bad_roles.jsonl": (2, {
         2: "unknown role 'bot' in messages",
         3: "messages roles out of order: assistant>user (expected [system] user [assistant])",
@@ -49,6 +50,7 @@ ROW_LEVEL = {
 
 FILE_LEVEL = {
     "empty.jsonl": "empty file",
+    "array.json": "a JSON array spread over lines, not JSON Lines (one object per line)",
     "csv.jsonl": "not JSON Lines: none of its 3 lines is a JSON object (line 1: invalid JSON: Expecting value",
     "wrong_schema.parquet": "no 'prompt' or 'messages' column (columns: text, label)",
     "not_parquet.parquet": "not a readable Parquet file (Parquet magic bytes not found",
@@ -118,6 +120,9 @@ def test_parquet_and_hf_dataset(tmp_path):
     rows = [{"prompt": "compute 1+1", "response": "A:2", "answer": "2"},
             {"prompt": None, "response": "A:3", "answer": "3"},
             {"prompt": "compute 2+2", "response": "A:4", "answer": "4"}]
+    pd.DataFrame(rows[:0]).to_parquet(tmp_path / "zero.parquet")
+    with pytest.raises(DataFileError, match="zero.parquet: no rows"):
+        read_source(tmp_path / "zero.parquet", "sft", 1024)
     pd.DataFrame(rows).to_parquet(tmp_path / "good.parquet")
     good, rejected = read_source(tmp_path / "good.parquet", "sft", 1024)
     assert [r["line"] for r in good] == [1, 3]

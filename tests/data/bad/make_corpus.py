@@ -63,7 +63,10 @@ FILES: dict[str, bytes] = {
     "non_objects.jsonl": b"\n".join([
         good(8, 1), b"[1, 2]", b'"just a string"', b"42", b"null",
         b'{"prompt": NaN}', b'{"prompt": "compute 8+2", "prompt": "compute 8+3"}', good(8, 4),
+        b'{"prompt": "compute 8+5 \\ud800"}',  # 9: a lone surrogate escape is no character
     ]) + b"\n",
+    # a JSON array pretty-printed over lines, not JSON Lines
+    "array.json": b'[\n  {"prompt": "compute 1+1"},\n  {"prompt": "compute 2+2"}\n]\n',
     "csv.jsonl": b"prompt,response,answer\ncompute 1+1,A:2,2\ncompute 2+2,A:4,4\n",
     "not_parquet.parquet": b"this is plain text, not Parquet\n",
     "chat_bad_roles.jsonl": b"\n".join([
