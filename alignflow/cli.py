@@ -36,8 +36,11 @@ def _no_heartbeat():
 
 
 def cmd_run(args) -> int:
-    from flows.post_training import post_training
-    with _no_heartbeat():
+    from alignflow.layout import find_root, run_lock
+    from flows.post_training import check_request, post_training
+    root = find_root()
+    check_request(root, args.pipeline, args.set or [])  # config errors before any work starts
+    with run_lock(root), _no_heartbeat():
         post_training(pipeline=args.pipeline, overrides=args.set or [])
     print(f"done: metrics/{args.pipeline}/evaluate.json, reports/{args.pipeline}/report.html")
     return 0
@@ -112,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         root = None
     _embedded_defaults(root)
     from alignflow.config import ConfigError
+    from alignflow.layout import AlreadyRunningError
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except (ConfigError, AlreadyRunningError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the stage stopped; its last checkpoint resumes on the next run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -70,3 +70,37 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+class AlreadyRunningError(RuntimeError):
+    pass
+
+
+class run_lock:
+    """One pipeline run per project directory: a second `alignflow run` gets a clear error instead of two
+    runs writing the same outputs. flock is released by the kernel if the holder dies (no stale locks)."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".alignflow" / "run.lock"
+
+    def __enter__(self):
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise AlreadyRunningError(f"a pipeline is already running in {self.path.parent.parent} ({holder}); "
+                                      "wait for it or stop it first") from None
+        self.handle.truncate(0)
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()

@@ -14,8 +14,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from alignflow.config import TinyModelConfig
+
+transformers_logging.disable_progress_bar()  # "Loading weights" bars on every load drown the stage's own progress
 
 SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
 ALPHABET = string.digits + "+-=?:;A " + string.ascii_lowercase

@@ -33,7 +33,17 @@ def at(root: Path):
         os.chdir(before)
 
 
-def apply_overrides(root: Path, pipeline: str, overrides: list[str]) -> None:
+def check_request(root: Path, pipeline: str, overrides: list[str]) -> None:
+    """Raise ConfigError unless the pipeline is tracked and the overrides give a valid config."""
+    project = load_project(root / "pipelines.yaml")
+    if pipeline not in project.tracked:
+        raise ConfigError(f"--pipeline {pipeline!r} is not in `tracked` of pipelines.yaml ({project.tracked}); "
+                          "add it there so dvc.yaml instantiates its stages")
+    if overrides:
+        apply_overrides(root, pipeline, overrides, dry_run=True)
+
+
+def apply_overrides(root: Path, pipeline: str, overrides: list[str], dry_run: bool = False) -> None:
     """Validate `pipelines.<pipeline>.<key>=value` overrides on a copy, then let DVC write them."""
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply
@@ -48,7 +58,8 @@ def apply_overrides(root: Path, pipeline: str, overrides: list[str]) -> None:
             cause = err.__cause__ or err
             raise ConfigError(f"-S {' '.join(overrides)}: {str(cause).splitlines()[0]}") from None
         load_project(trial)  # raises ConfigError naming the key and what is allowed
-    dvc_apply(root / "pipelines.yaml", full)
+    if not dry_run:
+        dvc_apply(root / "pipelines.yaml", full)
 
 
 @task
@@ -62,12 +73,10 @@ def reproduce(root: Path, target: str) -> list[str]:
 @flow(name="post_training", flow_run_name="post-training-{pipeline}", log_prints=True)
 def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) -> dict:
     root = find_root()
-    project = load_project(root / "pipelines.yaml")
-    if pipeline not in project.tracked:
-        raise ConfigError(f"--pipeline {pipeline!r} is not in `tracked` of pipelines.yaml ({project.tracked}); "
-                          "add it there so dvc.yaml instantiates its stages")
+    check_request(root, pipeline, overrides or [])
     if overrides:
         apply_overrides(root, pipeline, overrides)
+    project = load_project(root / "pipelines.yaml")
     if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
         from prefect.server.api.server import SubprocessASGIServer
         os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url

@@ -8,8 +8,10 @@ stamp=.venv/.alignflow-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   echo "installing alignflow and its pinned dependencies into .venv (first time: ~2 minutes)..."
-  .venv/bin/python -m pip install -q --upgrade "pip>=24"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  if ! { .venv/bin/python -m pip install --upgrade "pip>=24" &&
+         .venv/bin/python -m pip install -c constraints.txt -e ".[dev]"; } > .venv/install.log 2>&1; then
+    tail -30 .venv/install.log >&2; echo "install failed: full log in .venv/install.log" >&2; exit 1
+  fi
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -99,7 +99,7 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
             model.train()
             stopped = bool(stop and stop(metrics))
         on_log(step + 1, metrics)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if stopped or (step + 1) % checkpoint_every == 0:
             checkpoint.save(ckpt_dir, step + 1, model, optimizer, scheduler,
                             extra={"data_generator": generator.get_state(), "stopped": stopped})

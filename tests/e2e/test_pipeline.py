@@ -1,0 +1,137 @@
+"""The whole smoke pipeline through `alignflow run`: real Prefect flow runs, real `dvc repro`, a real MLflow
+store and registry, a real Great Expectations validation. (Learning itself is checked at full size in
+tests/e2e/test_learning.py, marked slow.)"""
+import json
+import sqlite3
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import BIN, alignflow, project_env
+
+STAGES = ["curate", "base", "sft", "rl", "logged", "ope", "evaluate"]
+
+
+def load(root, rel):
+    return json.loads((root / rel).read_text())
+
+
+def test_evaluate_json_schema(smoke_project):
+    ev = load(smoke_project, "metrics/smoke/evaluate.json")
+    candidates = ["grpo-s0-2", "grpo-s0-4", "grpo-s1-2", "grpo-s1-4"]
+    assert set(ev["policies"]) == {"base", "sft", *candidates}
+    for values in ev["policies"].values():
+        assert {"eval_accuracy", "ood_accuracy", "steps_consistent", "sampled_value"} <= set(values)
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    assert ev["champion"] in ["sft", *candidates]
+    assert ev["n_eval"] == 40 and ev["n_ood"] == 40
+    assert ev["champion_regret"] >= 0
+    for name in ("tis", "pdis", "snpdis"):
+        assert set(ev["selection"][name]["sharpe_ratio_at_k"]) == {"2", "3"}
+        assert "regret_at_1" in ev["selection"][name]
+    assert set(ev["selection"]["vsdr"]["spearman"]) == {"vsdr", "sim_only", "ood_only"}
+
+
+def test_champion_chosen_from_estimates_alone(smoke_project):
+    from alignflow.ope import choose
+    ope = load(smoke_project, "metrics/smoke/ope.json")
+    est, rule = ope["rule"].split(":")
+    assert ope["champion"] == choose(ope["estimators"], est, rule)
+    assert ope["champion"] == load(smoke_project, "metrics/smoke/evaluate.json")["champion"]
+    for res in ope["estimators"].values():
+        for e in res["estimates"].values():
+            assert e["value"] is None or e["ci_low"] <= e["value"] <= e["ci_high"] + 1e-9
+
+
+def test_malformed_row_quarantined_with_file_and_line(smoke_project):
+    rows = [json.loads(line) for line in (smoke_project / "data/smoke/curated/quarantine.jsonl").read_text().splitlines()]
+    bad = [r for r in rows if r["source"] == "data/raw/extra_demos.jsonl"]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in bad] == [(4, "invalid JSON")]
+    sft = pd.read_parquet(smoke_project / "data/smoke/curated/sft.parquet")
+    assert (sft["source"] == "data/raw/extra_demos.jsonl").sum() == 6  # every good row of that file went on
+    assert load(smoke_project, "data/smoke/curated/validation.json")["success"] in (True, False)
+
+
+def test_dvc_up_to_date_and_repro_runs_nothing(smoke_project):
+    env = project_env(smoke_project)
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=smoke_project, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=smoke_project, env=env, capture_output=True, text=True)
+    assert repro.returncode == 0 and "Running stage" not in repro.stdout + repro.stderr
+
+
+def mlflow_client(root):
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_mlflow_parent_with_nested_stage_runs_and_lineage(smoke_project):
+    client = mlflow_client(smoke_project)
+    exp = client.get_experiment_by_name("alignflow-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "post_training-smoke"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    sft = next(r for r in children if r.info.run_name == "sft")
+    assert len(sft.data.tags["git_commit"]) == 40
+    assert sft.data.tags["dvc.input.models/smoke/base"] != "not in dvc.lock"
+    assert "sft.lr" in sft.data.params
+    curate = next(r for r in children if r.info.run_name == "curate")
+    assert client.get_run(curate.info.run_id).inputs.dataset_inputs, "datasets logged with mlflow.log_input"
+
+
+def test_registered_champion_reproduces_its_accuracy(smoke_project):
+    import mlflow
+    from alignflow.evaluation import score
+    client = mlflow_client(smoke_project)
+    ope = load(smoke_project, "metrics/smoke/ope.json")
+    version = client.get_model_version_by_alias("alignflow-policy", "champion")
+    assert version.tags["candidate"] == ope["champion"]
+    comps = mlflow.transformers.load_model("models:/alignflow-policy@champion", return_type="components")
+    eval_df = pd.read_parquet(smoke_project / "data/smoke/curated/eval.parquet")
+    acc = score(comps["model"], comps["tokenizer"], eval_df["prompt"].tolist(), eval_df["answer"].tolist(),
+                max_new_tokens=16)["accuracy"]
+    assert acc == load(smoke_project, "metrics/smoke/evaluate.json")["policies"][ope["champion"]]["eval_accuracy"]
+
+
+def test_prefect_recorded_the_flow_runs(smoke_project):
+    db = sqlite3.connect(smoke_project / ".prefect" / "prefect.db")
+    names = {row[0] for row in db.execute("select name from flow_run where state_type = 'COMPLETED'")}
+    assert "post-training-smoke" in names
+    assert {f"{s}-smoke" for s in STAGES} <= names
+
+
+def test_bad_override_fails_before_work_naming_the_key(smoke_project):
+    before = (smoke_project / "pipelines.yaml").read_text()
+    proc = alignflow(smoke_project, "run", "--pipeline", "smoke", "-S", "rl.group_size=1", check=False)
+    assert proc.returncode == 2
+    assert "pipelines.smoke.rl.group_size: got 1" in proc.stderr
+    proc = alignflow(smoke_project, "run", "--pipeline", "smoke", "-S", "sft.learning_rate=0.1", check=False)
+    assert proc.returncode == 2 and "sft.learning_rate" in proc.stderr
+    assert (smoke_project / "pipelines.yaml").read_text() == before
+
+
+def test_override_goes_through_dvc_and_plain_repro_reruns_only_what_changed(smoke_project):
+    """An override is written by DVC's own code; DVC then sees exactly that stage as changed, and a plain
+    `dvc repro` from the shell re-runs it alone, logging its own MLflow run with the same tags."""
+    from alignflow.layout import find_root  # noqa: F401  (import check)
+    from flows.post_training import apply_overrides
+    apply_overrides(smoke_project, "smoke", ["evaluate.value_samples=2"])
+    raw = yaml.safe_load((smoke_project / "pipelines.yaml").read_text())
+    assert raw["pipelines"]["smoke"]["evaluate"]["value_samples"] == 2
+    env = project_env(smoke_project)
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=smoke_project, env=env, capture_output=True, text=True)
+    assert "evaluate@smoke" in status.stdout and "sft@smoke" not in status.stdout
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=smoke_project, env=env, capture_output=True, text=True)
+    ran = [line for line in (repro.stdout + repro.stderr).splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'evaluate@smoke':"], repro.stdout[-3000:] + repro.stderr[-3000:]
+    client = mlflow_client(smoke_project)
+    runs = client.search_runs([client.get_experiment_by_name("alignflow-smoke").experiment_id],
+                              filter_string="tags.`alignflow.launcher` = 'dvc repro'")
+    assert [r.info.run_name for r in runs] == ["evaluate"]
+    assert "mlflow.parentRunId" not in runs[0].data.tags
