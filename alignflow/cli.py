@@ -5,6 +5,7 @@
     alignflow validate-data PATH... [--quarantine FILE]       the curate checks, standalone
     alignflow algorithms                                      the registered RL methods
     alignflow check-config                                    validate pipelines.yaml and exit
+    alignflow infra up|down|status [--database-url URL]       the scaled mode's servers and workers (docs/scaling.md)
 """
 from __future__ import annotations
 
@@ -76,11 +77,48 @@ def cmd_algorithms(args) -> int:
     return 0
 
 
+def cmd_import_tracking(args) -> int:
+    from alignflow import tracking
+    from alignflow.layout import find_root
+    n = tracking.import_file_runs(find_root())
+    print(f"imported {n} run(s) recorded without MLflow (python -m alignflow.steps) into {tracking.tracking_uri(find_root())}")
+    return 0
+
+
 def cmd_check_config(args) -> int:
     from alignflow.config import load_project
     project = load_project(Path(args.config))
     print(f"ok: pipelines {sorted(project.pipelines)}, tracked {project.tracked}")
     return 0
+
+
+# ---- [scaled mode] `alignflow infra up|down|status` (alignflow/infra.py, docs/scaling.md)
+def cmd_infra(args) -> int:
+    import json
+
+    from alignflow import infra
+    from alignflow.layout import find_root
+    try:
+        root = Path(args.root).resolve() if args.root else find_root()
+    except FileNotFoundError:
+        root = Path.cwd()
+    if args.action == "up":
+        settings = infra.Settings(root=root, host=args.host, prefect_port=args.prefect_port,
+                                  mlflow_port=args.mlflow_port, gpus=args.gpus, cpu_limit=args.cpu_limit,
+                                  database_url=args.database_url or os.environ.get("ALIGNFLOW_DATABASE_URL"),
+                                  deploy=not args.no_deploy)
+        try:
+            infra.up(settings)
+        except infra.InfraError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if args.action == "down":
+        infra.down(root, drain_timeout=args.drain_timeout)
+        return 0
+    st = infra.status(root)
+    print(json.dumps(st, indent=2) if args.json else infra.format_status(st))
+    return 0 if st.get("running") else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,9 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="sft")
     p.set_defaults(fn=cmd_validate_data)
     sub.add_parser("algorithms", help="list the RL methods").set_defaults(fn=cmd_algorithms)
+    sub.add_parser("import-tracking", help="load runs recorded without MLflow into MLflow").set_defaults(
+        fn=cmd_import_tracking)
     p = sub.add_parser("check-config", help="validate pipelines.yaml")
     p.add_argument("--config", default="pipelines.yaml")
     p.set_defaults(fn=cmd_check_config)
+    p = sub.add_parser("infra", help="start/stop/show the scaled mode's server set (no containers)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--root", help="project root (default: the current directory)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback auth is required")
+    p.add_argument("--prefect-port", type=int, default=None, help="default 4200 if free; 0: any free port")
+    p.add_argument("--mlflow-port", type=int, default=None, help="default 5000 if free; 0: any free port")
+    p.add_argument("--database-url", help="postgresql://user@host:port/db for Prefect (created if missing); "
+                   "default $ALIGNFLOW_DATABASE_URL, else SQLite")
+    p.add_argument("--gpus", type=int, default=1, help="concurrency limit of the gpu pool")
+    p.add_argument("--cpu-limit", type=int, default=None, help="flow runs the cpu worker runs at once")
+    p.add_argument("--no-deploy", action="store_true", help="skip deploying infra/prefect.yaml")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="down: seconds to wait for running flow runs")
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.set_defaults(fn=cmd_infra)
     args = parser.parse_args(argv)
 
     try:

@@ -67,6 +67,7 @@ class TinyModelConfig(Strict):
 
 class BaseConfig(Strict):
     path: str | None = Field(None, description="a local model directory; null trains a tiny model from scratch")
+    trust_remote_code: bool = Field(False, description="allow the checkpoint's own Python code (off: safer)")
     model: TinyModelConfig = Field(default_factory=TinyModelConfig)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -88,6 +89,16 @@ class SFTConfig(Strict):
     stop_at_accuracy: float | None = Field(
         0.5, ge=0, le=1, description="stop once greedy validation accuracy reaches this (null: run all steps)")
     checkpoint_every: int = Field(50, ge=1)
+
+
+class TeacherConfig(Strict):
+    """The teacher of on-policy distillation (opd, exopd): SFT from the base model trained to convergence
+    (no early stop), so it is stronger than the student's SFT starting point. Built only when a candidate
+    needs one; otherwise the stage writes a marker and returns."""
+    path: str | None = Field(None, description="a local model directory sharing the tokenizer; null trains one")
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
 
 
 # ---------------------------------------------------------------- rl
@@ -163,10 +174,13 @@ class EvaluateConfig(Strict):
 class PipelineConfig(Strict):
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast for training (fp32 master weights), bf16 weights for inference")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
     curate: CurateConfig = Field(default_factory=CurateConfig)
     base: BaseConfig = Field(default_factory=BaseConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     logged: LoggedConfig = Field(default_factory=LoggedConfig)
     ope: OPEConfig = Field(default_factory=OPEConfig)
@@ -179,6 +193,10 @@ class PipelineConfig(Strict):
             if cand.algorithm not in ALGORITHMS:
                 raise ValueError(f"rl.candidates.{i}.algorithm: unknown algorithm {cand.algorithm!r}; "
                                  f"allowed: {sorted(ALGORITHMS)}")
+            try:
+                ALGORITHMS[cand.algorithm].hparams(cand.hparams)
+            except ValueError as err:
+                raise ValueError(f"rl.candidates.{i}.hparams: {err}") from None
         names = [c.name for c in self.rl.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"rl.candidates: names must be unique, got {names}")

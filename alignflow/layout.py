@@ -23,6 +23,8 @@ class Layout:
     @property
     def sft(self) -> Path: return self._p("models", self.pipeline, "sft")
     @property
+    def teacher(self) -> Path: return self._p("models", self.pipeline, "teacher")
+    @property
     def rl(self) -> Path: return self._p("models", self.pipeline, "rl")
     @property
     def logged(self) -> Path: return self._p("data", self.pipeline, "logged")

@@ -65,13 +65,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer) from a local save_pretrained directory; safetensors only."""
+def load(path: str | Path, device: str = "cpu", dtype: str = "fp32", trust_remote_code: bool = False):
+    """(model, tokenizer) from a local save_pretrained directory; safetensors only, remote code off by default."""
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                 attn_implementation="sdpa")
     return model.to(resolve_device(device)), tokenizer
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast on CUDA when asked (fp32 master weights stay); a no-op otherwise."""
+    import contextlib
+    if precision == "bf16" and resolve_device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def save(model, tokenizer, path: str | Path) -> None:

@@ -17,11 +17,33 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # log_model otherwise spends ~50 s on hub lookups
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import mlflow
 import yaml
-from mlflow import MlflowClient
+
+try:
+    import mlflow
+    from mlflow import MlflowClient
+except ImportError:  # a GPU box with only torch + transformers: record to a local file, import it later
+    mlflow = None
 
 PARENT_ENV = "ALIGNFLOW_PARENT_RUN_ID"
+_file_run: "FileRun | None" = None
+
+
+class FileRun:
+    """Stand-in for an MLflow run where mlflow is not installed: every call becomes a JSON line in
+    <root>/.alignflow/tracking/<run_id>.jsonl; `alignflow import-tracking` replays them into MLflow."""
+
+    def __init__(self, root: Path, pipeline: str, stage: str, tags: dict):
+        import time
+        import uuid
+        self.info = type("Info", (), {"run_id": uuid.uuid4().hex})()
+        self.path = root / ".alignflow" / "tracking" / f"{self.info.run_id}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write("start", pipeline=pipeline, stage=stage, tags=tags, time=time.time())
+
+    def write(self, kind: str, **payload) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, **payload}, default=str) + "\n")
 
 
 def tracking_uri(root: Path) -> str:
@@ -70,10 +92,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 @contextmanager
 def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[str]):
     """Open the stage's MLflow run (nested under the pipeline run when there is one) with its lineage."""
-    setup(root, pipeline)
+    global _file_run
     parent = os.environ.get(PARENT_ENV)
     tags = {"alignflow.pipeline": pipeline, "alignflow.stage": stage, "git_commit": git_commit(root),
             "alignflow.launcher": "alignflow run" if parent else "dvc repro"}
+    if mlflow is None:
+        _file_run = FileRun(root, pipeline, stage, tags)
+        _file_run.write("params", config=config, inputs=input_hashes(root, inputs))
+        try:
+            yield _file_run
+        finally:
+            _file_run.write("end")
+            _file_run = None
+        return
+    setup(root, pipeline)
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(_flatten(config))
         mlflow.log_dict(config, f"config/{stage}.json")
@@ -84,16 +116,23 @@ def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
+    if _file_run is not None:
+        return _file_run.write("metrics", metrics={k: float(v) for k, v in metrics.items()
+                                                    if isinstance(v, (int, float))}, step=step)
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
 def log_dataset(path: Path, name: str, context: str) -> None:
+    if _file_run is not None:
+        return _file_run.write("dataset", path=str(path), name=name, context=context)
     import pandas as pd
     df = pd.read_parquet(path)
     mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name=name), context=context)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    if _file_run is not None:
+        return _file_run.write("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
     if Path(path).is_dir():
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
     else:
@@ -130,3 +169,26 @@ def current_alias(registered_name: str, alias: str):
     except mlflow.exceptions.MlflowException:
         return None
     return mv.version, dict(mv.tags)
+
+
+def import_file_runs(root: Path, pipeline_filter: str | None = None) -> int:
+    """Replay runs recorded by FileRun (on a machine without mlflow) into the MLflow store; returns how many."""
+    count = 0
+    for path in sorted((root / ".alignflow" / "tracking").glob("*.jsonl")):
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        start = events[0]
+        if pipeline_filter and start["pipeline"] != pipeline_filter:
+            continue
+        setup(root, start["pipeline"])
+        with mlflow.start_run(run_name=start["stage"], tags={**start["tags"], "alignflow.imported_from": path.name}):
+            for event in events[1:]:
+                if event["kind"] == "params":
+                    mlflow.log_params(_flatten(event["config"]))
+                    mlflow.log_dict(event["inputs"], "lineage/inputs.json")
+                elif event["kind"] == "metrics":
+                    mlflow.log_metrics(event["metrics"], step=event["step"])
+                elif event["kind"] == "artifact" and Path(event["path"]).exists():
+                    log_artifact(Path(event["path"]), event["artifact_path"])
+        path.rename(path.with_suffix(".imported"))
+        count += 1
+    return count

@@ -21,6 +21,7 @@ from alignflow import tracking
 from alignflow.config import ConfigError, load_project
 from alignflow.layout import find_root
 from flows import STAGES
+from flows import deploy as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
 
 
 @contextmanager
@@ -77,6 +78,7 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
     if overrides:
         apply_overrides(root, pipeline, overrides)
     project = load_project(root / "pipelines.yaml")
+    dispatch = scaled.scaled_mode()  # [scaled mode] decided before the embedded API URL is set below
     if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
         from prefect.server.api.server import SubprocessASGIServer
         os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
@@ -89,7 +91,8 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         try:
             for stage in STAGES:
-                ran[stage] = reproduce(root, f"{stage}@{pipeline}")
+                ran[stage] = (scaled.dispatch(root, stage, pipeline) if dispatch  # [scaled mode]
+                              else reproduce(root, f"{stage}@{pipeline}"))
                 print(f"{stage}: {'ran' if ran[stage] else 'up to date, skipped'}")
         finally:
             os.environ.pop(tracking.PARENT_ENV, None)

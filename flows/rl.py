@@ -11,7 +11,7 @@ from tasks.train import clear_checkpoints, train_rl_candidate
 
 @flow(name="rl", flow_run_name="rl-{pipeline}", log_prints=True)
 def rl(pipeline: str = "tiny") -> dict:
-    ctx = open_stage("rl", pipeline, inputs=["curated", "sft"])
+    ctx = open_stage("rl", pipeline, inputs=["curated", "base", "sft", "teacher"])
     with tracked(ctx, ctx.cfg.rl.model_dump()) as run:
         candidates = []
         for i, cand in enumerate(ctx.cfg.rl.candidates):

@@ -1,87 +1,14 @@
-"""Shared stage plumbing: config and seeds, tracked runs, metrics files, curves and Prefect artifacts."""
+"""Stage plumbing as seen from Prefect: the core's context and metrics (alignflow/stage.py) plus the UI
+artifacts Prefect shows for each stage."""
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
-import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from alignflow import tracking
-from alignflow.config import PipelineConfig, load_pipeline
-from alignflow.layout import Layout, find_root, write_csv, write_json
+from alignflow import stage, tracking
+from alignflow.stage import StageContext, open_stage, tracked  # noqa: F401  (the flows' imports)
 
-
-@dataclass
-class StageContext:
-    name: str
-    pipeline: str
-    cfg: PipelineConfig
-    layout: Layout
-    inputs: list[Path] = field(default_factory=list)
-    curve: list[dict] = field(default_factory=list)
-
-    @property
-    def root(self) -> Path:
-        return self.layout.root
-
-    @property
-    def ckpt(self) -> Path:
-        """Resume state, keyed by the stage's config and its inputs' dvc.lock hashes: a checkpoint left by a
-        run with other settings or other inputs is never resumed."""
-        stage_cfg = getattr(self.cfg, self.name, None)
-        key = json.dumps([stage_cfg.model_dump() if stage_cfg is not None else None, self.cfg.seed,
-                          tracking.input_hashes(self.root, [self.layout.rel(p) for p in self.inputs])],
-                         sort_keys=True, default=str)
-        return self.layout.checkpoints(self.name) / hashlib.sha256(key.encode()).hexdigest()[:12]
-
-    def log_step(self, step: int, metrics: dict, **labels) -> None:
-        """One point of a learning curve: MLflow metric history + a row of the DVC plot CSV."""
-        prefix = "".join(f"{v}/" for v in labels.values())
-        tracking.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=step)
-        self.curve.append({**labels, "step": step, **{k: round(float(v), 6) for k, v in metrics.items()}})
-
-
-def open_stage(name: str, pipeline: str, inputs: list[str]) -> StageContext:
-    """Load the validated config, seed everything; `inputs` names the Layout attributes the stage reads."""
-    root = find_root()
-    cfg = load_pipeline(pipeline, root / "pipelines.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    layout = Layout(root, pipeline)
-    return StageContext(name=name, pipeline=pipeline, cfg=cfg, layout=layout,
-                        inputs=[getattr(layout, attr) for attr in inputs])
-
-
-@contextmanager
-def tracked(ctx: StageContext, stage_config: dict):
-    config = {"pipeline": ctx.pipeline, "seed": ctx.cfg.seed, ctx.name: stage_config}
-    with tracking.stage_run(ctx.root, ctx.pipeline, ctx.name, config, [ctx.layout.rel(p) for p in ctx.inputs]) as run:
-        print(f"[{ctx.name}@{ctx.pipeline}] resolved config: {stage_config}")
-        yield run
-
-
-@task
-def write_metrics(ctx: StageContext, metrics: dict, curve_name: str | None = None) -> Path:
-    """metrics/<pipeline>/<stage>.json (+ the curve CSV for DVC plots), logged to MLflow as well."""
-    path = ctx.layout.metrics / f"{ctx.name}.json"
-    write_json(path, metrics)
-    tracking.log_metrics(_flat_numbers(metrics))
-    tracking.log_artifact(path, "metrics")
-    if curve_name and ctx.curve:
-        curve = ctx.layout.metrics / f"{curve_name}.csv"
-        write_csv(curve, ctx.curve)
-        tracking.log_artifact(curve, "metrics")
-    return path
+write_metrics = task(stage.write_metrics)
 
 
 @task
@@ -93,13 +20,3 @@ def publish_summary(ctx: StageContext, run_id: str, headline: str, table: list[d
         f"## {ctx.name} @ {ctx.pipeline}\n\n{headline}\n\nMLflow run `{run_id}` ({uri})"))
     if table:
         create_table_artifact(key=f"{key}-metrics", table=table)
-
-
-def _flat_numbers(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -1,15 +1,15 @@
 """GRPO (DeepSeekMath, arXiv:2402.03300): group-standardised outcome reward, PPO-clip, per-sequence mean."""
 import torch
 
-from alignflow.algorithms.core import ADVANTAGES, Algorithm, RolloutBatch, group_stats, register_algorithm
+from alignflow.algorithms.core import (ADVANTAGES, Algorithm, RolloutBatch, group_stats, per_token, register_algorithm,
+                                       standardise)
 
 
 @ADVANTAGES.register("group_std")
 def group_std_advantage(batch: RolloutBatch, hp: dict) -> torch.Tensor:
     """A_i = (R_i - mean(R_group)) / (std(R_group) + eps), the same for every token. -> [B, T]"""
     mean, std = group_stats(batch.rewards, batch.group_ids)
-    adv = torch.where(std > 0, (batch.rewards - mean) / (std + hp["adv_eps"]), torch.zeros_like(mean))
-    return adv[:, None].expand(-1, batch.completion_len)
+    return per_token(standardise(batch.rewards, mean, std, hp["adv_eps"]), batch)
 
 
 GRPO = register_algorithm(Algorithm(

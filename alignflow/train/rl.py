@@ -1,6 +1,9 @@
-"""The one on-policy loop: rollout -> reward -> advantage -> update -> weight sync (verified).
+"""The one on-policy loop: rollout -> reward -> extra inputs -> advantage -> update -> weight sync (verified).
 
-Every method is a preset of registered pieces (alignflow/algorithms); this file never names one.
+Every method is a preset of registered pieces (alignflow/algorithms); this file never names one. A preset's
+`rollout` hook decides how a step's rollouts are produced; its `needs` decide which extra inputs the loop
+computes into the RolloutBatch (reference / base / teacher log-probs, privileged-context log-probs, entropies,
+reasoning steps, per-prompt reward history, expert rows: see alignflow.algorithms.NEEDS).
 Resumable: training state is checkpointed every `checkpoint_every` steps into `ckpt_dir` (outside DVC's
 outs), and the candidate snapshots are kept there too until the stage copies them into its outs.
 """
@@ -16,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignflow import checkpoint
-from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES, RolloutBatch
+from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES, ROLLOUTS, RewardHistory, RolloutBatch
+from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
 from alignflow.models import chat_prompt, save
 from alignflow.rewards import accuracy_reward, safe_rewards
@@ -34,8 +38,27 @@ class RunResult:
     skipped_updates: int
 
 
-def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn) -> tuple[RolloutBatch, dict]:
-    completions = engine.generate([chat_prompt(tokenizer, p) for p in prompts], cfg.group_size,
+@dataclass
+class ExtraModels:
+    """Frozen models a method may need, sharing the policy's tokenizer and device (alignflow.algorithms.NEEDS)."""
+    ref: object | None = None       # "ref": the reference, usually the SFT model the policy starts from
+    base: object | None = None      # "base": the pre-SFT base model
+    teacher: object | None = None   # "teacher": e.g. a stronger RL candidate of an earlier run
+
+
+def required_inputs(cand: CandidateConfig) -> frozenset[str]:
+    """What the stage must provide for this candidate: a subset of NEEDS' keys ("ref", "base", "teacher",
+    "solutions"/"privileged" -> solutions=..., "expert" -> expert=...); the rest the loop computes itself."""
+    return ALGORITHMS[cand.algorithm].inputs(cand.hparams)
+
+
+# ---------------------------------------------------------------- rollouts
+def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn,
+                   contexts: list[str] | None = None) -> tuple[RolloutBatch, dict]:
+    """A group per prompt. The policy is shown `contexts` when given (e.g. a guided prompt), else the prompt;
+    rewards always score the completion against the original prompt and answer."""
+    shown = contexts if contexts is not None else prompts
+    completions = engine.generate([chat_prompt(tokenizer, p) for p in shown], cfg.group_size,
                                   Sampling(cfg.max_new_tokens, cfg.temperature))
     rep_prompts = [p for p in prompts for _ in range(cfg.group_size)]
     rep_answers = [a for a in answers for _ in range(cfg.group_size)]
@@ -43,42 +66,157 @@ def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn
     batch = RolloutBatch(input_ids=completions.input_ids, attention_mask=completions.attention_mask,
                          completion_mask=completions.completion_mask, rewards=torch.tensor(rewards),
                          group_ids=completions.prompt_index, old_logprobs=completions.logprobs,
-                         rollout_logprobs=completions.logprobs)
+                         rollout_logprobs=completions.logprobs, prompts=list(prompts))
     return batch, {"reward": float(batch.rewards.mean()), "reward_errors": reward_errors,
                    "completion_len": float(completions.completion_mask.sum(-1).float().mean())}
 
 
+class _PromptStream:
+    """The run's prompts as rollout hooks see them (alignflow.algorithms.RolloutSource): seeded draws, rollouts."""
+
+    def __init__(self, engine, tokenizer, cfg: RLConfig, reward_fn, prompts, answers, solutions, generator):
+        self.prompts_per_step, self.pad_id = cfg.prompts_per_step, tokenizer.pad_token_id
+        self._engine, self._tokenizer, self._cfg, self._reward_fn = engine, tokenizer, cfg, reward_fn
+        self._prompts, self._answers, self._solutions, self._generator = prompts, answers, solutions, generator
+        self.reward_errors = 0
+
+    def draw(self, n: int) -> list[int]:
+        return torch.randint(len(self._prompts), (n,), generator=self._generator).tolist()
+
+    def prompt(self, index: int) -> str:
+        return self._prompts[index]
+
+    def solution(self, index: int) -> str | None:
+        return self._solutions[index] if self._solutions is not None else None
+
+    def rollout(self, indices: list[int], contexts: list[str] | None = None) -> RolloutBatch:
+        batch, metrics = _rollout_batch(self._engine, self._tokenizer, [self._prompts[i] for i in indices],
+                                        [self._answers[i] for i in indices], self._cfg, self._reward_fn, contexts)
+        self.reward_errors += metrics["reward_errors"]
+        return batch
+
+
+# ---------------------------------------------------------------- extra inputs ("needs")
+def _with_prompts(tokenizer, user_texts: list[str], completion_ids, completion_attention):
+    """Chat prompts (left-padded) followed by given completions. -> (input_ids, attention_mask)"""
+    enc = tokenizer([chat_prompt(tokenizer, t) for t in user_texts], return_tensors="pt", padding=True,
+                    padding_side="left").to(completion_ids.device)
+    return (torch.cat([enc["input_ids"], completion_ids], 1),
+            torch.cat([enc["attention_mask"], completion_attention.to(enc["attention_mask"].dtype)], 1))
+
+
+def _expert_rows(tokenizer, pairs: list[tuple[str, str]], device) -> RolloutBatch:
+    """Demonstrations as batch rows: the chat prompt, then the response + EOS as the 'completion'."""
+    enc = tokenizer([r + tokenizer.eos_token for _, r in pairs], return_tensors="pt", padding=True,
+                    padding_side="right", add_special_tokens=False).to(device)
+    ids, attention = _with_prompts(tokenizer, [p for p, _ in pairs], enc["input_ids"], enc["attention_mask"])
+    n, T = enc["input_ids"].shape
+    zeros = torch.zeros(n, T, device=device)
+    return RolloutBatch(input_ids=ids, attention_mask=attention, completion_mask=enc["attention_mask"],
+                        rewards=torch.zeros(n), group_ids=torch.arange(n),
+                        old_logprobs=zeros, rollout_logprobs=zeros.clone(),
+                        is_expert=torch.ones(n, dtype=torch.bool, device=device), prompts=[p for p, _ in pairs])
+
+
+def _separator_ids(tokenizer) -> torch.Tensor:
+    """Token ids whose text contains a step separator (';' or a newline). -> [V] bool"""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor([(";" in t) or ("\n" in t) for t in texts])
+
+
+def _step_ids(batch: RolloutBatch, is_separator: torch.Tensor) -> torch.Tensor:
+    """Index of the reasoning step of each completion token; a separator belongs to the step it ends. -> [B, T]"""
+    sep = is_separator.to(batch.input_ids.device)[batch.input_ids[:, -batch.completion_len:]].long()
+    return sep.cumsum(-1) - sep
+
+
+def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: ExtraModels, tokenizer, cfg: RLConfig,
+                 solution_of: dict, history: RewardHistory | None, is_separator) -> None:
+    T, ids, attention = batch.completion_len, batch.input_ids, batch.attention_mask
+    with torch.no_grad():
+        # the trainer's log-probs of the policy that sampled (pi_old), and its entropies if needed
+        scored = token_logprobs(model, ids, attention, T, cfg.temperature, return_entropy="entropy" in inputs)
+        batch.old_logprobs, batch.entropy = scored if "entropy" in inputs else (scored, None)
+        if batch.is_expert is not None:  # demonstrations were not sampled by the engine: nothing to correct
+            batch.rollout_logprobs = torch.where(batch.is_expert[:, None], batch.old_logprobs, batch.rollout_logprobs)
+        for need in ("ref", "base", "teacher"):
+            if need in inputs:
+                scores = token_logprobs(getattr(extra, need), ids, attention, T, cfg.temperature)
+                setattr(batch, f"{need}_logprobs", scores)
+        if "privileged" in inputs:
+            shown = [PRIVILEGED_TEMPLATE.format(prompt=p, solution=solution_of[p]) for p in batch.prompts]
+            contexts = [shown[int(g)] for g in batch.group_ids]
+            priv_ids, priv_attention = _with_prompts(tokenizer, contexts, ids[:, -T:], attention[:, -T:])
+            batch.privileged_logprobs = token_logprobs(model, priv_ids, priv_attention, T, cfg.temperature)
+    if "steps" in inputs:
+        batch.step_ids = _step_ids(batch, is_separator)
+    if "history" in inputs:
+        batch.times_seen, batch.history_mean, batch.history_std = history.update(batch.prompts, batch.rewards,
+                                                                                 batch.group_ids)
+
+
+def _check_inputs(name: str, inputs: frozenset[str], extra: ExtraModels, prompts, solutions, expert) -> None:
+    missing = [f"a {need!r} model (extra_models=ExtraModels({need}=...))" for need in ("ref", "base", "teacher")
+               if need in inputs and getattr(extra, need) is None]
+    if inputs & {"solutions", "privileged"} and (solutions is None or len(solutions) != len(prompts)):
+        missing.append("a worked solution per prompt (solutions=[...], aligned with prompts)")
+    if "expert" in inputs and not expert:
+        missing.append("expert demonstrations (expert=[(prompt, response), ...])")
+    if missing:
+        raise ValueError(f"algorithm {name!r} needs " + "; ".join(missing))
+
+
+# ---------------------------------------------------------------- the loop
 def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLConfig, prompts: list[str],
                     answers: list[str], ckpt_dir: Path, on_log: Callable[[int, dict], None],
-                    ref_model=None, reward_fn=accuracy_reward, max_nonfinite: int = 5) -> RunResult:
+                    ref_model=None, reward_fn=accuracy_reward, max_nonfinite: int = 5, *,
+                    extra_models: ExtraModels | None = None, solutions: list[str] | None = None,
+                    expert: list[tuple[str, str]] | None = None) -> RunResult:
+    """`ref_model` is kept for callers that predate `extra_models` (it fills ExtraModels.ref).
+    `solutions`: the worked solution of each prompt (privileged info / oracle; needs "solutions", "privileged").
+    `expert`: (prompt, response) demonstrations to mix in (needs "expert")."""
     algo = ALGORITHMS[cand.algorithm]
     hp = algo.hparams(cand.hparams)
+    inputs = algo.inputs(cand.hparams)
+    extra = extra_models or ExtraModels()
+    if extra.ref is None:
+        extra.ref = ref_model
+    _check_inputs(algo.name, inputs, extra, prompts, solutions, expert)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cand.lr, weight_decay=0.0)
+    history = RewardHistory() if "history" in inputs else None
     state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer)
     start = state["step"] if state else 0
     if state:
         data_gen.set_state(state["extra"]["data_generator"])
+        if history is not None:
+            history.load_state_dict(state["extra"]["reward_history"])
     engine = make_engine(cfg.engine, model, tokenizer)
+    source = _PromptStream(engine, tokenizer, cfg, reward_fn, prompts, answers, solutions, data_gen)
+    solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
+    is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
     mask_dtype, nonfinite_in_row, skipped = torch.float32, 0, 0
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2)
     for step in bar:
-        idx = torch.randint(len(prompts), (cfg.prompts_per_step,), generator=data_gen).tolist()
-        batch, metrics = _rollout_batch(engine, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
-                                        cfg, reward_fn)
+        # ---- rollout (the preset's hook) and reward
+        source.reward_errors = 0
+        batch, metrics = ROLLOUTS[algo.rollout](source, hp)
+        metrics.update(reward=float(batch.rewards.mean()), reward_errors=source.reward_errors,
+                       completion_len=float(batch.completion_mask.sum(-1).float().mean()))
+        if "expert" in inputs:
+            n_expert = max(1, round(hp["expert_share"] / (1 - hp["expert_share"]) * len(batch.rewards)))
+            picks = torch.randint(len(expert), (n_expert,), generator=data_gen).tolist()
+            rows = _expert_rows(tokenizer, [expert[i] for i in picks], batch.input_ids.device)
+            batch = concat_batches([batch, rows], tokenizer.pad_token_id)
+        batch.step, batch.total_steps = step, cand.steps
+        # ---- the extra inputs the method needs, then its advantage
+        _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator)
         T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
-        if ref_model is not None:
-            with torch.no_grad():
-                batch.ref_logprobs = token_logprobs(ref_model, batch.input_ids, batch.attention_mask, T, cfg.temperature)
-        if cfg.ppo_epochs > 1:  # several passes over one batch need the pre-update log-probs fixed
-            with torch.no_grad():
-                batch.old_logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, T, cfg.temperature)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
+        # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
         for _ in range(cfg.ppo_epochs):
             logp = token_logprobs(model, batch.input_ids, batch.attention_mask, T, cfg.temperature)
-            if cfg.ppo_epochs == 1:
-                batch.old_logprobs = logp.detach()
             token_loss, loss_metrics = POLICY_LOSSES[algo.policy_loss](logp, batch, adv, hp)
             loss = LOSS_AGGS[algo.loss_agg](token_loss, mask, hp)
             optimizer.zero_grad(set_to_none=True)
@@ -93,17 +231,21 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                 continue
             nonfinite_in_row = 0
             optimizer.step()
+        # ---- weight sync (verified), logging, checkpoints
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
         metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
                        sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
-                       tis_ratio_max=tis.max().item(), **loss_metrics)
+                       tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
+                       **loss_metrics)
         on_log(step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}")
         if step + 1 in cand.checkpoints:
             save(model, tokenizer, ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{step + 1}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:
-            checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer,
-                            extra={"data_generator": data_gen.get_state()})
+            extra_state = {"data_generator": data_gen.get_state()}
+            if history is not None:
+                extra_state["reward_history"] = history.state_dict()
+            checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, extra=extra_state)
     bar.close()
     snapshots = [ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
     return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=skipped)

@@ -71,10 +71,12 @@ def cosine_with_warmup(optimizer, steps: int, warmup: int):
 def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, *, steps: int, lr: float,
              ckpt_dir: Path, checkpoint_every: int, on_log: Callable[[int, dict], None],
              validate: Callable[[], dict] | None = None, validate_every: int = 0,
-             stop: Callable[[dict], bool] | None = None, desc: str = "train") -> TrainResult:
+             stop: Callable[[dict], bool] | None = None, desc: str = "train", precision: str = "fp32") -> TrainResult:
     """AdamW + cosine schedule; resumes from `ckpt_dir` if a checkpoint is there (the data generator's state
     is part of it, so a resumed run sees the same batches as an uninterrupted one)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    from alignflow.models import autocast
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
     scheduler = cosine_with_warmup(optimizer, steps, warmup=max(1, steps // 20))
     state = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
     start = state["step"] if state else 0
@@ -86,7 +88,8 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
     loss_value, stopped = float("nan"), False
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
     for step in bar:
-        loss = model(**next_batch()).loss
+        with autocast(device.type, precision):
+            loss = model(**{k: v.to(device) for k, v in next_batch().items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import BIN, alignflow, project_env
 
-STAGES = ["curate", "base", "sft", "rl", "logged", "ope", "evaluate"]
+from flows import STAGES
 
 
 def load(root, rel):
@@ -135,3 +135,19 @@ def test_override_goes_through_dvc_and_plain_repro_reruns_only_what_changed(smok
                               filter_string="tags.`alignflow.launcher` = 'dvc repro'")
     assert [r.info.run_name for r in runs] == ["evaluate"]
     assert "mlflow.parentRunId" not in runs[0].data.tags
+
+
+def test_promotion_gate_keeps_the_champion_when_the_new_one_is_not_better(smoke_project):
+    """A retrained pipeline whose best estimate does not beat the registered champion's by the margin keeps it."""
+    from flows.post_training import apply_overrides
+    client = mlflow_client(smoke_project)
+    before = client.get_model_version_by_alias("alignflow-policy", "champion").version
+    apply_overrides(smoke_project, "smoke", ["ope.select.margin=1.0"])  # no estimate can beat another by 1.0
+    try:
+        alignflow(smoke_project, "stage", "ope", "--pipeline", "smoke")
+        ope = load(smoke_project, "metrics/smoke/ope.json")
+        assert ope["promoted"] is False and "margin" in ope["promotion_reason"]
+        assert client.get_model_version_by_alias("alignflow-policy", "champion").version == before
+    finally:
+        apply_overrides(smoke_project, "smoke", ["ope.select.margin=0.0"])
+        alignflow(smoke_project, "stage", "ope", "--pipeline", "smoke")

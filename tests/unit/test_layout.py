@@ -10,7 +10,7 @@ def test_dvc_yaml_matches_layout():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == STAGES
     layout = Layout(REPO, "${item}")
-    expected_outs = {"curate": layout.curated, "base": layout.base, "sft": layout.sft, "rl": layout.rl,
+    expected_outs = {"curate": layout.curated, "base": layout.base, "sft": layout.sft, "teacher": layout.teacher, "rl": layout.rl,
                      "logged": layout.logged, "ope": layout.ope}
     for name, path in expected_outs.items():
         assert stages[name]["do"]["outs"] == [layout.rel(path)], name

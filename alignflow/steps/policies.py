@@ -1,0 +1,128 @@
+"""Steps that run policies over fixed data (no Prefect here; tasks/policies.py wraps them): logging the behaviour policy, teacher-forced scoring of logged
+tokens under each candidate, OOD scores of the real split, and true values for `evaluate`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alignflow import models
+from alignflow.evaluation import score
+from alignflow.models import chat_prompt
+from alignflow.rewards import accuracy_reward
+from alignflow.rollout import Sampling, TransformersEngine, token_logprobs
+
+
+def candidate_dirs(layout) -> dict[str, Path]:
+    """SFT plus every RL candidate, in a stable order."""
+    dirs = {"sft": layout.sft}
+    dirs.update({p.name: p for p in sorted(layout.rl.iterdir()) if (p / "config.json").exists()})
+    return dirs
+
+
+def log_behaviour(policy_dir: Path, prompts: list[str], answers: list[str], n: int, max_new_tokens: int,
+                  temperature: float, seed: int, device: str = "cpu", dtype: str = "fp32") -> pd.DataFrame:
+    """Sample the behaviour policy once per logged prompt (cycling to n), keeping the per-token log-probs of
+    the distribution actually sampled from (temperature as configured, top_k = 0, top_p = 1)."""
+    torch.manual_seed(seed)
+    model, tokenizer = models.load(policy_dir, device, dtype)
+    reps = [i % len(prompts) for i in range(n)]
+    engine, rows = TransformersEngine(model, tokenizer), []
+    for start in range(0, n, 250):
+        idx = reps[start:start + 250]
+        out = engine.generate([chat_prompt(tokenizer, prompts[i]) for i in idx], 1, Sampling(max_new_tokens, temperature))
+        rewards = accuracy_reward([prompts[i] for i in idx], out.texts, answer=[answers[i] for i in idx])
+        T = out.completion_mask.shape[1]
+        for row, i in enumerate(idx):
+            length = int(out.completion_mask[row].sum())
+            prompt_ids = out.input_ids[row, :-T][out.attention_mask[row, :-T].bool()].tolist()
+            rows.append({"prompt": prompts[i], "prompt_ids": prompt_ids,
+                         "completion_ids": out.completion_ids[row, :length].tolist(),
+                         "behaviour_logprobs": out.logprobs[row, :length].double().tolist(),
+                         "completion": out.texts[row], "reward": rewards[row]})
+    return pd.DataFrame(rows)
+
+
+def _padded(rows: pd.DataFrame, pad_id: int, start: int, stop: int):
+    chunk = rows.iloc[start:stop]
+    P = max(len(p) for p in chunk["prompt_ids"])
+    T = max(len(c) for c in chunk["completion_ids"])
+    ids = torch.full((len(chunk), P + T), pad_id)
+    mask = torch.zeros_like(ids)
+    for r, (p, c) in enumerate(zip(chunk["prompt_ids"], chunk["completion_ids"])):
+        ids[r, P - len(p):P], mask[r, P - len(p):P] = torch.tensor(p), 1          # left-padded prompt
+        ids[r, P:P + len(c)], mask[r, P:P + len(c)] = torch.tensor(c), 1          # right-padded completion
+    return chunk, ids, mask, T
+
+
+@torch.no_grad()
+def score_logged(policy_dir: Path, logged: pd.DataFrame, state_dim: int = 16, seed: int = 0,
+                 device: str = "cpu", dtype: str = "fp32"):
+    """Teacher-forced log-probs of the logged tokens under a candidate, and per-position state features for the
+    DM/DR value model: the candidate's last hidden state before each token, reduced by a fixed random projection."""
+    model, tokenizer = models.load(policy_dir, device, dtype)
+    model.eval()
+    proj = torch.randn(model.config.hidden_size, state_dim, generator=torch.Generator().manual_seed(seed))
+    proj /= model.config.hidden_size ** 0.5
+    logprobs, states = [], []
+    for start in range(0, len(logged), 250):
+        chunk, ids, mask, T = _padded(logged, tokenizer.pad_token_id, start, start + 250)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        logits = model.lm_head(hidden[:, -T - 1:-1]).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -T:, None]).squeeze(-1).cpu()
+        feats = (hidden[:, -T - 1:].float() @ proj.to(model.device)).cpu()                                       # [b, T + 1, S]
+        for r, c in enumerate(chunk["completion_ids"]):
+            logprobs.append(lp[r, :len(c)].double().numpy())
+            states.append(feats[r, :len(c) + 1].double().numpy())
+    return logprobs, states
+
+
+@torch.no_grad()
+def ood_scores(policy_dir: Path, real_prompts: list[str], reference_prompts: list[str], max_new_tokens: int,
+               device: str = "cpu", dtype: str = "fp32") -> dict:
+    """How foreign the unlabelled real prompts are to a policy (VSDR's OOD side), from its own behaviour there:
+    mean token entropy of its sampled responses, their negative mean log-likelihood, and the distance of the
+    real prompts' mean final hidden state to that of in-distribution prompts (in units of their spread)."""
+    model, tokenizer = models.load(policy_dir, device, dtype)
+    model.eval()
+    engine = TransformersEngine(model, tokenizer)
+    out = engine.generate([chat_prompt(tokenizer, p) for p in real_prompts], 1, Sampling(max_new_tokens, 1.0))
+    T = out.completion_mask.shape[1]
+    logp, entropy = token_logprobs(model, out.input_ids, out.attention_mask, T, return_entropy=True)
+    m = out.completion_mask.float()
+    per_token = lambda x: float((x * m).sum() / m.sum().clamp(min=1))  # noqa: E731
+
+    def prompt_states(prompts):
+        enc = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                        padding_side="left").to(model.device)
+        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return model.model(**enc, position_ids=pos).last_hidden_state[:, -1]
+    real, ref = prompt_states(real_prompts), prompt_states(reference_prompts)
+    spread = ref.std(0).mean().clamp(min=1e-6)
+    return {"entropy": per_token(entropy), "neg_loglik": -per_token(logp),
+            "hidden_distance": float((real.mean(0) - ref.mean(0)).norm() / spread)}
+
+
+def true_values(policy_dir: Path, splits: dict[str, pd.DataFrame], value_prompts: pd.DataFrame,
+                value_samples: int, max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
+                dtype: str = "fp32") -> tuple[dict, np.ndarray]:
+    """The stand-in for an online test: greedy accuracy and steps-consistent rate per split, and the sampled
+    value under the logging settings (temperature 1, top_k 0) whose per-sample returns OPS compares against."""
+    torch.manual_seed(seed)
+    model, tokenizer = models.load(policy_dir, device, dtype)
+    model.eval()
+    out = {}
+    for name, df in splits.items():
+        s = score(model, tokenizer, df["prompt"].tolist(), df["answer"].astype(str).tolist(),
+                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out[f"{name}_accuracy"] = s["accuracy"]
+        if name == "eval":
+            out["steps_consistent"] = s["steps_consistent"]
+    sampled = score(model, tokenizer, value_prompts["prompt"].tolist(), value_prompts["answer"].astype(str).tolist(),
+                    max_new_tokens=max_new_tokens, greedy=False, n=value_samples, batch_size=batch_size)
+    out["sampled_value"] = sampled["accuracy"]
+    return out, sampled["rewards"]

@@ -1,0 +1,602 @@
+"""Fast training pieces (issue 7): sequence packing without cross-contamination, varlen attention, chunked
+cross-entropy / log-probs over the vocabulary, fused AdamW, optional gradient checkpointing and torch.compile.
+
+Also the functional decoder (Qwen2 / Llama-family modules called one by one) shared with the static-cache rollout
+engine (alignflow/rollout/static_engine.py). It reads the HF model's own parameters, so training it trains the
+model; numerics follow transformers' Qwen2 code op for op (RMSNorm in fp32, rotary tables from the model's own
+`rotary_emb`), and the unit tests check it against `model(...)` on CPU.
+
+Packed format: rows of `seq_len` tokens, each holding several documents back to back. `position_ids` restart at 0
+for every document and attention is block-diagonal-causal: on CUDA through flash-attention varlen
+(`torch.nn.attention.varlen.varlen_attn`, cu_seqlens over the flattened rows), elsewhere through SDPA with a
+per-row block-diagonal mask. `targets[j]` is the label of token j+1 of the same document (IGNORE at every
+document's last token), so no prediction crosses a document boundary.
+
+Pure torch + transformers; no alignflow.config import (runs on machines without pydantic).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------------------------------------------
+# functional decoder over the HF model's modules
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scaling: float
+    n_layers: int
+    act: Callable
+    qk_norm: bool
+    qk_eps: float
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def decoder_spec(model) -> DecoderSpec:
+    """Shape of a Qwen2/Llama-family causal LM (q/k/v/o projections, RMSNorm, gated MLP, rotary). Raises
+    NotImplementedError for anything else, so callers can fall back to the model's own forward."""
+    cfg = model.config
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if base is None or layers is None or not hasattr(base, "rotary_emb") or not hasattr(model, "lm_head"):
+        raise NotImplementedError(f"{type(model).__name__}: not a Qwen2/Llama-family causal LM")
+    layer = layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not hasattr(attn, name):
+            raise NotImplementedError(f"attention without {name}")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not hasattr(mlp, name):
+            raise NotImplementedError(f"MLP without {name}")
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        raise NotImplementedError("sliding-window attention")
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
+        raise NotImplementedError("non-full attention layers")
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    act = F.silu if getattr(cfg, "hidden_act", "silu") == "silu" else mlp.act_fn
+    qk_norm = hasattr(attn, "q_norm")
+    return DecoderSpec(hidden=cfg.hidden_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       eps=float(_eps(layer.input_layernorm, cfg)), scaling=float(getattr(attn, "scaling", head_dim ** -0.5)),
+                       n_layers=len(layers), act=act, qk_norm=qk_norm,
+                       qk_eps=float(_eps(attn.q_norm, cfg)) if qk_norm else 0.0)
+
+
+def _eps(norm, cfg) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", getattr(cfg, "rms_norm_eps", 1e-6)))
+
+
+def _bias(lin):
+    return getattr(lin, "bias", None)
+
+
+def attn_in_weights(layer) -> tuple:
+    a = layer.self_attn
+    return (layer.input_layernorm.weight, a.q_proj.weight, _bias(a.q_proj), a.k_proj.weight, _bias(a.k_proj),
+            a.v_proj.weight, _bias(a.v_proj), getattr(getattr(a, "q_norm", None), "weight", None),
+            getattr(getattr(a, "k_norm", None), "weight", None))
+
+
+def attn_out_weights(layer) -> tuple:
+    a, m = layer.self_attn, layer.mlp
+    return (a.o_proj.weight, _bias(a.o_proj), layer.post_attention_layernorm.weight, m.gate_proj.weight,
+            _bias(m.gate_proj), m.up_proj.weight, _bias(m.up_proj), m.down_proj.weight, _bias(m.down_proj))
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' Qwen2RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., heads, D]; cos/sin [..., D] (broadcast over heads)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attn_in(spec: DecoderSpec, x, cos, sin, ln_w, wq, bq, wk, bk, wv, bv, qn_w, kn_w):
+    """input RMSNorm + q/k/v projections + rotary. x [..., hidden] -> q [..., H, D], k/v [..., KV, D]."""
+    h = rms_norm(x, ln_w, spec.eps)
+    q = F.linear(h, wq, bq).unflatten(-1, (spec.heads, spec.head_dim))
+    k = F.linear(h, wk, bk).unflatten(-1, (spec.kv_heads, spec.head_dim))
+    v = F.linear(h, wv, bv).unflatten(-1, (spec.kv_heads, spec.head_dim))
+    if qn_w is not None:
+        q, k = rms_norm(q, qn_w, spec.qk_eps), rms_norm(k, kn_w, spec.qk_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attn_out_mlp(spec: DecoderSpec, x, o, wo, bo, ln_w, wg, bg, wu, bu, wd, bd):
+    """o_proj + residual + post-attention RMSNorm + gated MLP + residual. o [..., H*D]."""
+    x = x + F.linear(o, wo, bo)
+    h = rms_norm(x, ln_w, spec.eps)
+    return x + F.linear(spec.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+
+
+class RopeTable:
+    """cos/sin for positions 0..n-1, computed once by the model's own rotary module (fp32), indexed per token."""
+
+    def __init__(self, model):
+        self.rotary = model.model.rotary_emb
+        self._tab: dict = {}
+
+    def get(self, n: int, device, dtype):
+        key = (str(device), dtype)
+        tab = self._tab.get(key)
+        if tab is None or tab[0].shape[0] < n:
+            size = max(n, 1024, 2 * (tab[0].shape[0] if tab is not None else 0))
+            pos = torch.arange(size, device=device)[None]
+            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
+                cos, sin = self.rotary(torch.zeros(1, device=device, dtype=torch.float32), pos)
+            tab = (cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous())
+            self._tab[key] = tab
+        return tab
+
+
+# --------------------------------------------------------------------------------------------------------------
+# varlen (block-diagonal causal) attention
+# --------------------------------------------------------------------------------------------------------------
+
+_VARLEN: dict = {"fn": None, "kw": {}, "gqa": True, "scale": False, "probed": False, "ok": False, "note": "not probed"}
+
+
+def _varlen_setup() -> None:
+    if _VARLEN["fn"] is not None or _VARLEN["note"] != "not probed":
+        return
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception as exc:  # noqa: BLE001
+        _VARLEN["note"] = f"torch.nn.attention.varlen unavailable: {exc!r}"
+        return
+    params = inspect.signature(varlen_attn).parameters
+    _VARLEN.update(fn=varlen_attn, scale="scale" in params,
+                   kw={"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True},
+                   gqa_kw={"enable_gqa": True} if "enable_gqa" in params else {})
+    _VARLEN["note"] = "torch varlen_attn(" + ", ".join(list(_VARLEN["kw"]) + list(_VARLEN["gqa_kw"])) + ")"
+
+
+def varlen_attention(q, k, v, cu, max_len: int, scale: float):
+    """Block-diagonal causal attention over packed segments. q [N, H, D], k/v [N, KV, D], cu int32 [S + 1]."""
+    kw = dict(_VARLEN["kw"])
+    if _VARLEN["scale"]:
+        kw["scale"] = scale
+    if q.shape[1] != k.shape[1]:
+        if _VARLEN["gqa"]:
+            kw.update(_VARLEN["gqa_kw"])
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return _VARLEN["fn"](q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def varlen_available(device) -> bool:
+    """True when flash varlen attention runs here (CUDA); decides once whether GQA goes natively."""
+    if torch.device(device).type != "cuda":
+        return False
+    _varlen_setup()
+    if _VARLEN["fn"] is None:
+        return False
+    if not _VARLEN["probed"]:
+        _VARLEN["probed"] = True
+        q = torch.randn(24, 4, 64, device=device, dtype=torch.bfloat16)
+        k = torch.randn(24, 2, 64, device=device, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 10, 24], device=device, dtype=torch.int32)
+        for gqa in (True, False):
+            _VARLEN["gqa"] = gqa
+            try:
+                varlen_attention(q, k, k, cu, 14, 0.125)
+                torch.cuda.synchronize(device)
+                _VARLEN["ok"] = True
+                _VARLEN["note"] += "; GQA native" if gqa else "; GQA by repeating k/v"
+                break
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        else:
+            _VARLEN["note"] += f"; failed on this device: {err!r}"
+    return _VARLEN["ok"]
+
+
+def varlen_note() -> str:
+    return _VARLEN["note"]
+
+
+def _block_causal_attention(spec: DecoderSpec, q, k, v, doc_ids):
+    """SDPA fallback. q [R, L, H, D], k/v [R, L, KV, D], doc_ids [R, L] -> [R, L, H, D]."""
+    L = q.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal          # [R, L, L]
+    rep = spec.groups
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=spec.scaling)
+    return out.transpose(1, 2)
+
+
+def train_layer(spec: DecoderSpec, x, cos, sin, cu, max_len: int, doc_ids, w_in: tuple, w_out: tuple):
+    """One decoder layer on packed rows. x [R, L, hidden]; cos/sin [R, L, D]; either cu (int32 cu_seqlens over
+    the flattened rows, CUDA varlen path) or doc_ids [R, L] (SDPA block mask path)."""
+    R, L, _ = x.shape
+    q, k, v = attn_in(spec, x, cos, sin, *w_in)
+    if cu is not None:
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        q, k, v = (t.reshape(R * L, t.shape[-2], spec.head_dim).to(dt) for t in (q, k, v))
+        o = varlen_attention(q, k, v, cu, max_len, spec.scaling).view(R, L, spec.heads * spec.head_dim)
+    else:
+        o = _block_causal_attention(spec, q, k, v, doc_ids).reshape(R, L, spec.heads * spec.head_dim)
+    return attn_out_mlp(spec, x, o, *w_out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor      # [R, L]
+    position_ids: torch.Tensor   # [R, L] restart at 0 for every document (and for the padding tail)
+    targets: torch.Tensor        # [R, L] next-token label inside the same document, IGNORE elsewhere
+    doc_ids: torch.Tensor        # [R, L] segment index, unique across the batch (padding tails are segments too)
+    cu_seqlens: torch.Tensor     # [S + 1] int32 offsets of the segments in the flattened [R * L] stream
+    max_seqlen: int              # an upper bound on any segment's length (the row length)
+    doc_lengths: list[int]       # lengths of the real documents (padding tails excluded), for FLOP counts
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+                           self.doc_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen, self.doc_lengths)
+
+
+def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of example indices into rows of at most `seq_len` tokens (examples longer
+    than a row are truncated to it). Deterministic."""
+    order = sorted(range(len(examples)), key=lambda i: (-min(len(examples[i][0]), seq_len), i))
+    rows, room = [], []
+    for i in order:
+        n = min(len(examples[i][0]), seq_len)
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(seq_len - n)
+    return rows
+
+
+def collate_packed(examples: Sequence[tuple[Sequence[int], Sequence[int]]], rows: Sequence[Sequence[int]],
+                   seq_len: int, pad_id: int) -> PackedBatch:
+    """Rows of (input ids, labels) examples -> PackedBatch. `labels` follow the transformers convention (aligned
+    with the inputs, IGNORE on prompt tokens; the model shifts them): target[j] = labels[j + 1] of the same doc."""
+    R = len(rows)
+    ids = torch.full((R, seq_len), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, seq_len), dtype=torch.long)
+    tgt = torch.full((R, seq_len), IGNORE, dtype=torch.long)
+    doc = torch.zeros((R, seq_len), dtype=torch.long)
+    lengths, docs, seg = [], [], 0
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            x, y = examples[i]
+            n = min(len(x), seq_len - at)
+            if n <= 0:
+                continue
+            ids[r, at:at + n] = torch.as_tensor(list(x[:n]))
+            pos[r, at:at + n] = torch.arange(n)
+            if n > 1:
+                tgt[r, at:at + n - 1] = torch.as_tensor(list(y[1:n]))
+            doc[r, at:at + n] = seg
+            lengths.append(n)
+            docs.append(n)
+            seg, at = seg + 1, at + n
+        if at < seq_len:  # padding tail: its own segment, no targets
+            pos[r, at:] = torch.arange(seq_len - at)
+            doc[r, at:] = seg
+            lengths.append(seq_len - at)
+            seg += 1
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return PackedBatch(ids, pos, tgt, doc, cu, seq_len, docs)
+
+
+def pack_examples(examples, seq_len: int, pad_id: int, rows_per_batch: int | None = None) -> list[PackedBatch]:
+    """All examples packed; split into batches of `rows_per_batch` rows (all rows in one batch if None)."""
+    rows = pack_rows(examples, seq_len)
+    step = rows_per_batch or len(rows)
+    return [collate_packed(examples, rows[i:i + step], seq_len, pad_id) for i in range(0, len(rows), step)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chunked cross-entropy / log-probs over the vocabulary (never [tokens x vocab] in fp32 at once)
+# --------------------------------------------------------------------------------------------------------------
+
+def _acc(x):
+    """Accumulation precision: at least fp32 (fp64 stays fp64)."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def _ce_chunk(logits, targets, ignore_index: int):
+    """-> (sum of CE over valid rows, d(sum CE)/d logits in the logits' dtype)."""
+    lf = _acc(logits)
+    lse = torch.logsumexp(lf, -1)
+    valid = targets != ignore_index
+    t = torch.where(valid, targets, 0)
+    tgt_logit = lf.gather(-1, t[:, None]).squeeze(-1)
+    loss = ((lse - tgt_logit) * valid).sum()
+    onehot = torch.arange(lf.shape[-1], device=lf.device)[None, :] == t[:, None]
+    grad = ((torch.exp(lf - lse[:, None]) - onehot.to(lf.dtype)) * valid[:, None]).to(logits.dtype)
+    return loss, grad
+
+
+def _logprob_chunk(logits, targets, inv_temp: float):
+    z = _acc(logits) * inv_temp
+    lse = torch.logsumexp(z, -1)
+    return z.gather(-1, targets[:, None]).squeeze(-1) - lse, lse
+
+
+def _logprob_grad_chunk(logits, targets, lse, g, inv_temp: float):
+    """d(sum g_i * logp_i)/d logits = g_i * (onehot - softmax(z)) / T."""
+    z = _acc(logits) * inv_temp
+    onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == targets[:, None]
+    return ((onehot.to(z.dtype) - torch.exp(z - lse[:, None])) * (g * inv_temp)[:, None]).to(logits.dtype)
+
+
+_CHUNK_FNS: dict = {}
+
+
+def _chunk_fn(name: str, fn, device):
+    """Compiled on CUDA (fuses cast/softmax/one-hot into one or two passes over the chunk's logits)."""
+    if torch.device(device).type != "cuda":
+        return fn
+    if name not in _CHUNK_FNS:
+        try:
+            _CHUNK_FNS[name] = torch.compile(fn, dynamic=False)
+        except Exception:  # noqa: BLE001
+            _CHUNK_FNS[name] = fn
+    return _CHUNK_FNS[name]
+
+
+def _compute_dtype(hidden, weight):
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i); gradients computed chunk by chunk in the forward (the loss is a
+    scalar, so the backward only scales them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int, dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ce = _chunk_fn("ce", _ce_chunk, hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            acc = torch.promote_types(dtype, torch.float32)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            for s in range(0, h.shape[0], chunk):
+                hc, tc = h[s:s + chunk], targets[s:s + chunk]
+                loss, g = ce(hc @ w.t(), tc, ignore_index)
+                total += loss
+                if need_h:
+                    torch.mm(g, w, out=grad_h[s:s + chunk])
+                if need_w:
+                    grad_w += (g.t() @ hc).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, targets, *, chunk: int = 4096, ignore_index: int = IGNORE,
+                          reduction: str = "mean"):
+    """Cross-entropy of `hidden @ weight.T` (an lm_head without bias) against `targets`, `chunk` rows at a time.
+    hidden [N, d] (or [..., d]), targets [N] (or [...]). Peak extra memory: chunk x vocab (not N x vocab)."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, _compute_dtype(hidden, weight))
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T)[target] per row; the backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, dtype):
+        fwd = _chunk_fn("lp", _logprob_chunk, hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            acc = torch.promote_types(dtype, torch.float32)
+            out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+            lse = torch.empty_like(out)
+            for s in range(0, h.shape[0], chunk):
+                out[s:s + chunk], lse[s:s + chunk] = fwd(h[s:s + chunk] @ w.t(), targets[s:s + chunk], 1.0 / temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        bwd = _chunk_fn("lp_grad", _logprob_grad_chunk, hidden.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+            acc = torch.promote_types(ctx.dtype, torch.float32)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            for s in range(0, h.shape[0], ctx.chunk):
+                hc = h[s:s + ctx.chunk]
+                g = bwd(hc @ w.t(), targets[s:s + ctx.chunk], lse[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].to(acc),
+                        1.0 / ctx.temperature)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[s:s + ctx.chunk])
+                if need_w:
+                    grad_w += (g.t() @ hc).to(acc)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                None, None, None, None)
+
+
+def chunked_token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, chunk: int = 4096):
+    """log-prob of `targets` under softmax(hidden @ weight.T / temperature); shape of `targets`, fp32 (fp64 for
+    fp64 inputs)."""
+    shape = targets.shape
+    h2, t2 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    return _LinearLogprobs.apply(h2, weight, t2, float(temperature), chunk, _compute_dtype(h2, weight)).view(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# packed forward + trainer step
+# --------------------------------------------------------------------------------------------------------------
+
+def make_adamw(params, lr: float, weight_decay: float = 0.01, fused: bool | None = None, **kw) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for the whole update) when every parameter is on CUDA."""
+    params = list(params)
+    if fused is None:
+        fused = bool(params) and all((p["params"][0] if isinstance(p, dict) else p).is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, **kw)
+
+
+class FastForward:
+    """Packed forward of a Qwen2/Llama-family model through the functional decoder.
+
+    attention: "auto" (varlen flash on CUDA when it runs, else SDPA block mask), "varlen" or "sdpa".
+    compile: torch.compile each decoder layer (one compiled graph shared by all layers) — default on CUDA.
+    gradient_checkpointing: recompute each layer in the backward (less memory, ~1/3 more layer FLOPs).
+    """
+
+    def __init__(self, model, *, attention: str = "auto", compile: bool | None = None,
+                 gradient_checkpointing: bool = False):
+        self.model, self.spec = model, decoder_spec(model)
+        device = next(model.parameters()).device
+        self.device = device
+        if attention == "auto":
+            attention = "varlen" if varlen_available(device) else "sdpa"
+        elif attention == "varlen" and not varlen_available(device):
+            raise RuntimeError(f"varlen attention does not run here: {varlen_note()}")
+        self.attention = attention
+        self.compile = (device.type == "cuda") if compile is None else compile
+        self.gradient_checkpointing = gradient_checkpointing
+        self.rope = RopeTable(model)
+        spec = self.spec
+
+        def layer(x, cos, sin, cu, max_len, doc_ids, w_in, w_out):
+            return train_layer(spec, x, cos, sin, cu, max_len, doc_ids, w_in, w_out)
+
+        self._layer = torch.compile(layer, dynamic=False) if self.compile else layer
+
+    def hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """Final-norm hidden states [R, L, hidden]."""
+        m = self.model.model
+        x = m.embed_tokens(batch.input_ids)
+        cos_t, sin_t = self.rope.get(int(batch.position_ids.max()) + 1, x.device, x.dtype)
+        cos, sin = cos_t[batch.position_ids], sin_t[batch.position_ids]
+        if self.attention == "varlen":
+            cu, doc = batch.cu_seqlens, None
+            if self.compile:
+                torch._dynamo.maybe_mark_dynamic(cu, 0)
+        else:
+            cu, doc = None, batch.doc_ids
+        for layer in m.layers:
+            args = (x, cos, sin, cu, batch.max_seqlen, doc, attn_in_weights(layer), attn_out_weights(layer))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                x = self._layer(*args)
+        return m.norm(x)
+
+    def loss(self, batch: PackedBatch, *, chunk: int = 4096, reduction: str = "mean") -> torch.Tensor:
+        h = self.hidden(batch)
+        return chunked_cross_entropy(h, self.model.lm_head.weight, batch.targets, chunk=chunk, reduction=reduction)
+
+
+class FastSFTTrainer:
+    """One optimizer step over one or more packed micro-batches: loss = mean CE over all target tokens of the step.
+    bf16 autocast on CUDA (fp32 master weights), fused AdamW, grad-norm clipping."""
+
+    def __init__(self, model, *, lr: float, weight_decay: float = 0.01, grad_clip: float = 1.0,
+                 attention: str = "auto", compile: bool | None = None, gradient_checkpointing: bool = False,
+                 amp_dtype: torch.dtype | None = None, chunk: int = 4096, optimizer=None):
+        self.fwd = FastForward(model, attention=attention, compile=compile,
+                               gradient_checkpointing=gradient_checkpointing)
+        self.model, self.grad_clip, self.chunk = model, grad_clip, chunk
+        dev = self.fwd.device
+        self.amp_dtype = amp_dtype if amp_dtype is not None else (torch.bfloat16 if dev.type == "cuda" else None)
+        self.optimizer = optimizer or make_adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.fwd.device.type, dtype=self.amp_dtype)
+
+    def step(self, micro_batches: Sequence[PackedBatch]) -> dict:
+        self.model.train()
+        total = sum(b.n_targets for b in micro_batches)
+        loss_sum = torch.zeros((), device=self.fwd.device)
+        for b in micro_batches:
+            with self._autocast():
+                loss = self.fwd.loss(b, chunk=self.chunk, reduction="sum") / max(total, 1)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": total}
+
+
+def model_flops_per_token(model) -> tuple[int, int]:
+    """(N, N_embedding): matmul parameters (decoder + lm_head, embedding lookup excluded) for the 6*N*tokens
+    count, and the input-embedding size (excluded unless tied, where the lm_head counts it once)."""
+    m = model.model
+    emb = m.embed_tokens.weight.numel()
+    decoder = sum(p.numel() for n, p in m.layers.named_parameters() if p.dim() == 2)
+    return decoder + model.lm_head.weight.numel(), emb
+
+
+def attention_flops(spec: DecoderSpec, doc_lengths: Sequence[int], backward: bool = True) -> float:
+    """Causal attention matmul FLOPs (QK^T and PV over the causal pairs of each document), x3 with backward."""
+    pairs = sum(n * (n + 1) / 2 for n in doc_lengths)
+    fwd = 2 * 2 * spec.n_layers * spec.heads * spec.head_dim * pairs
+    return fwd * (3 if backward else 1)
+
+
+__all__ = ["IGNORE", "DecoderSpec", "decoder_spec", "PackedBatch", "pack_rows", "collate_packed", "pack_examples",
+           "chunked_cross_entropy", "chunked_token_logprobs", "make_adamw", "FastForward", "FastSFTTrainer",
+           "model_flops_per_token", "attention_flops", "varlen_available", "varlen_note"]
