@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -57,6 +58,7 @@ class Settings:
     cpu_limit: int | None = None         # flow runs the cpu worker runs at once (None: no limit)
     workers: bool = True
     deploy: bool = True
+    deployments: list[str] | None = None  # names from infra/prefect.yaml to deploy (None: all)
     startup_timeout: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)  # added to every process (tests, tuning)
 
@@ -281,6 +283,12 @@ def _api(api_url: str, env: dict[str, str]):
     return httpx.Client(base_url=api_url.rstrip("/") + "/", headers=_auth_header(env), timeout=30)
 
 
+def api_client(api_url: str):
+    """An httpx client for the Prefect REST API (`api_client(state["api_url"]).get("health")`); basic auth
+    from PREFECT_API_AUTH_STRING when set."""
+    return _api(api_url, dict(os.environ))
+
+
 def job_template(root: Path, kind: str = "process") -> dict:
     path = Path(root) / "infra" / "job-templates" / f"{kind}.json"
     if path.exists():
@@ -494,7 +502,8 @@ def up(settings: Settings, log=print) -> dict:
             timings["workers_s"] = round(time.monotonic() - t, 2)
         if settings.deploy:
             t = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--root", str(root)], cwd=root,
+            proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--root", str(root),
+                                   *(settings.deployments or [])], cwd=root,
                                   env={**client, "PREFECT_LOGGING_LEVEL": "WARNING"}, capture_output=True, text=True)
             (logs / "deploy.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
             if proc.returncode != 0:
@@ -542,6 +551,32 @@ def down(root: Path, drain_timeout: float = 60.0, log=print) -> dict:
     _write_state(root, state)
     log("down: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     return report
+
+
+@contextmanager
+def running(settings: Settings, drain_timeout: float = 10.0, log=print):
+    """`up` on entry, `down` on exit (scripts, tests)."""
+    state = up(settings, log=log)
+    try:
+        yield state
+    finally:
+        down(settings.root, drain_timeout=drain_timeout, log=log)
+
+
+def postgres_problem(url: str, timeout: float = 3.0) -> str | None:
+    """None when a PostgreSQL server answers at `url` (any database), else why not, in one line."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect("postgresql://" + url.split("://", 1)[1], timeout=timeout)
+        await conn.close()
+    try:
+        asyncio.run(probe())
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable", reported verbatim
+        return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def status(root: Path) -> dict:

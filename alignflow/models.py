@@ -61,7 +61,9 @@ def build_tiny_model(tokenizer, shape: TinyModelConfig, max_positions: int = 256
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the trainer's log-probs) on tensor cores
     return torch.device(device)
 
 

@@ -20,6 +20,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import yaml
 
 try:
+    if os.environ.get("ALIGNFLOW_TRACKING") == "file":
+        raise ImportError("file tracking requested")
     import mlflow
     from mlflow import MlflowClient
 except ImportError:  # a GPU box with only torch + transformers: record to a local file, import it later

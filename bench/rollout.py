@@ -133,9 +133,9 @@ def correctness_tiny() -> dict:
     out["greedy_rows_finished_early"] = int((got["completion_mask"].sum(-1) < 40).sum())
     for temp in (1.0, 0.7):
         torch.manual_seed(2)
-        r = eng.generate_ids(ids.repeat(4, 1), mask.repeat(4, 1), Sampling(max_new_tokens=40, temperature=temp))
-        full = torch.cat([ids.repeat(4, 1), r["completion"]], 1)
-        fmask = torch.cat([mask.repeat(4, 1), r["completion_mask"]], 1)
+        r = eng.generate_ids(ids, mask, Sampling(max_new_tokens=40, temperature=temp))
+        full = torch.cat([ids, r["completion"]], 1)
+        fmask = torch.cat([mask, r["completion_mask"]], 1)
         with torch.no_grad():
             ref = token_logprobs(m, full, fmask, r["completion"].shape[1], temp)
         cm = r["completion_mask"].bool()
@@ -213,10 +213,11 @@ def time_hf(model, ids, mask, T, runs=2) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/rollout.json"))
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument("--variants", action="store_true", help="also time eager and compile-only at the largest batch")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining peer/variant runs past this")
+    ap.add_argument("--variants", action="store_true", help="also time eager and compile-only at the first batch")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "GPU benchmark"
     T = args.new_tokens
@@ -240,7 +241,10 @@ def main() -> int:
     RESULT.update(params=n_params, weight_bytes=wbytes)
     probe = torch.randint(0, 150000, (1, 48), generator=torch.Generator().manual_seed(3)).cuda()
     engine = StaticCacheEngine(model, None, eos_token_id=EOS, pad_token_id=PAD, probe_ids=probe)
-    RESULT["sync_probe_max_abs_diff_bf16"] = engine.sync(model)
+    try:
+        RESULT["sync_probe_max_abs_diff_bf16"] = engine.sync(model)
+    except Exception as exc:  # noqa: BLE001  (bf16 kernels differ; record, don't stop the benchmark)
+        RESULT["sync_probe_max_abs_diff_bf16"] = repr(exc)
     bw = RESULT["ceilings"]["copy_bandwidth_Bps"]
     for B in args.batches:
         ids, mask = prompts(B, 151936)
@@ -268,7 +272,7 @@ def main() -> int:
             entry["alignflow_static"] = {"error": traceback.format_exc()[-3000:]}
         log(B, "ours", {k: v for k, v in entry["alignflow_static"].items() if k != "all_runs_s"})
         save(args.out)
-        if not args.skip_peer:
+        if not args.skip_peer and time.perf_counter() - t0 < args.budget_s:
             try:
                 entry["hf_generate_static"] = time_hf(model, ids, mask, T)
             except Exception:  # noqa: BLE001
@@ -279,8 +283,8 @@ def main() -> int:
                 entry["speedup_vs_hf"] = o["tok_per_s"] / h["tok_per_s"]
         save(args.out)
         log(f"elapsed {time.perf_counter() - t0:.0f}s")
-    if args.variants:
-        B = max(args.batches)
+    if args.variants and time.perf_counter() - t0 < args.budget_s:
+        B = args.batches[0]
         ids, mask = prompts(B, 151936)
         for name, kw in (("compile_no_graphs", dict(compile=True, cuda_graphs=False)),
                          ("eager_no_compile", dict(compile=False, cuda_graphs=False))):

@@ -35,8 +35,8 @@ from prefect import flow, task
 from flows import STAGES
 
 JOB_FLOW = "dvc-stage"
-STAGE_POOLS = {"curate": "cpu", "base": "cpu", "sft": "gpu", "rl": "gpu", "logged": "gpu", "ope": "cpu",
-               "evaluate": "gpu"}
+STAGE_POOLS = {"curate": "cpu", "base": "cpu", "sft": "gpu", "teacher": "gpu", "rl": "gpu", "logged": "gpu",
+               "ope": "cpu", "evaluate": "gpu"}  # infra/prefect.yaml deploys dvc-stage/<stage> to these pools
 PARENT_ENV = "ALIGNFLOW_PARENT_RUN_ID"  # same name as alignflow.tracking.PARENT_ENV (not imported: mlflow)
 
 
@@ -181,9 +181,11 @@ def configure_remote(work: Path) -> None:
     project's own default remote (committed in .dvc/config) is used."""
     url = os.environ.get("ALIGNFLOW_DVC_REMOTE")
     if url:
+        endpoint = os.environ.get("ALIGNFLOW_DVC_REMOTE_ENDPOINT")  # S3-compatible stores (MinIO)
         (work / ".dvc").mkdir(exist_ok=True)
         (work / ".dvc" / "config.local").write_text(
-            f"[core]\n    remote = alignflow\n['remote \"alignflow\"']\n    url = {url}\n")
+            f"[core]\n    remote = alignflow\n['remote \"alignflow\"']\n    url = {url}\n"
+            + (f"    endpointurl = {endpoint}\n" if endpoint else ""))  # credentials: env / AWS profile only
 
 
 @flow(name=JOB_FLOW, flow_run_name="{stage}-{pipeline}-job", persist_result=True, log_prints=True)
@@ -234,6 +236,7 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
 def dispatch(root: Path, stage: str, pipeline: str) -> list[str]:
     """Run `dvc-stage/<stage>` on its pool's worker and wait; write back what it returns (dvc.lock, metrics)."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     rev = _git(root, "rev-parse", "HEAD")
     carried = carried_paths(root, pipeline)
@@ -246,7 +249,11 @@ def dispatch(root: Path, stage: str, pipeline: str) -> list[str]:
               "rev": rev, "files": read_files(root, carried), "parent_run_id": os.environ.get(PARENT_ENV)}
     timeout = float(os.environ["ALIGNFLOW_STAGE_TIMEOUT_S"]) if os.environ.get("ALIGNFLOW_STAGE_TIMEOUT_S") else None
     start = time.perf_counter()
-    run = run_deployment(f"{JOB_FLOW}/{stage}", parameters=params, timeout=timeout, poll_interval=1)
+    try:
+        run = run_deployment(f"{JOB_FLOW}/{stage}", parameters=params, timeout=timeout, poll_interval=1)
+    except ObjectNotFound:
+        raise ScaledModeError(f"no deployment {JOB_FLOW}/{stage} on {os.environ.get('PREFECT_API_URL')}: add it to "
+                              "infra/prefect.yaml and deploy (python -m flows.deploy)") from None
     wall = time.perf_counter() - start
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"

@@ -44,9 +44,14 @@ class StaticCacheEngine:
     def __init__(self, model, tokenizer=None, probe_text: str = "<|user|>12+34=?<|assistant|>2+4=6;1+3=4;A:46<|end|>",
                  tolerance: float | None = None, dtype: torch.dtype | None = None, compile: bool | None = None,
                  cuda_graphs: bool | None = None, eos_token_id: int | None = -1, pad_token_id: int | None = -1,
-                 probe_ids: torch.Tensor | None = None):
+                 probe_ids: torch.Tensor | None = None, fuse_weights: bool = True):
         """`model` is used in place (weights shared: a sync from the same object only verifies) unless `dtype`
-        differs from its dtype, in which case the engine keeps its own copy in `dtype` and `sync` copies into it."""
+        differs from its dtype, in which case the engine keeps its own copy in `dtype` and `sync` copies into it.
+
+        fuse_weights: keep [q;k;v] and [gate;up] copies of the projection weights (one GEMM each per layer instead
+        of three and two; +2/3 of the MLP weights in memory). The copies are refreshed by `sync` and whenever an
+        in-place update of the model's parameters is seen (their version counters), and the probe that `sync`
+        verifies runs through them."""
         self.spec = fast.decoder_spec(model)
         model_dtype = next(model.parameters()).dtype
         if dtype is not None and dtype != model_dtype:
@@ -87,6 +92,9 @@ class StaticCacheEngine:
             _set_recompile_limit()
             self._f_in, self._f_mid, self._f_out, self._f_head = (
                 torch.compile(f, dynamic=False) for f in (f_in, f_mid, f_out, self._head))
+        self.fuse_weights = fuse_weights
+        self._fused = None
+        self._fused_version = None
         self._state = None
         self._graphs: dict = {}
         self._pool = None
@@ -95,11 +103,41 @@ class StaticCacheEngine:
         self.profile = False  # True: synchronise to time prefill and decode separately (benchmarks)
 
     # ---------------------------------------------------------------------------------------------- weights
-    def _weights(self):
+    def _weights(self, refresh: bool = True):
+        if self.fuse_weights and self._fused is not None and not refresh:
+            return self._fused  # inside a captured step: no host-side version walk, no copies
         layers = self.model.model.layers
         w_in = [fast.attn_in_weights(layer) for layer in layers]
         w_out = [fast.attn_out_weights(layer) for layer in layers]
-        return w_in, w_out
+        if not self.fuse_weights:
+            return w_in, w_out
+        self._refresh_fused(w_in, w_out)
+        return self._fused
+
+    def _param_version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def _refresh_fused(self, w_in=None, w_out=None, force: bool = False) -> None:
+        """(Re)build the fused projection copies when missing or when the parameters changed in place. The buffers
+        are allocated once and refreshed in place (CUDA graphs keep their pointers)."""
+        version = self._param_version()
+        if self._fused is not None and not force and version == self._fused_version:
+            return
+        if w_in is None:
+            layers = self.model.model.layers
+            w_in = [fast.attn_in_weights(layer) for layer in layers]
+            w_out = [fast.attn_out_weights(layer) for layer in layers]
+        with torch.no_grad():
+            if self._fused is None:
+                self._fused = ([fast.fuse_in(w) for w in w_in], [fast.fuse_out(w) for w in w_out])
+            else:
+                for (dst_in, dst_out), src_in, src_out in zip(zip(*self._fused), w_in, w_out):
+                    new_in, new_out = fast.fuse_in(src_in), fast.fuse_out(src_out)
+                    for d, n in ((dst_in[1], new_in[1]), (dst_in[2], new_in[2]), (dst_out[3], new_out[3]),
+                                 (dst_out[4], new_out[4])):
+                        if d is not None:
+                            d.copy_(n)
+        self._fused_version = version
 
     def _weight_ptrs(self):
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -190,13 +228,13 @@ class StaticCacheEngine:
         st["valid"].index_fill_(1, st["col"], True)
         bias = torch.zeros(B, 1, 1, Sb, dtype=self.dtype, device=self.device).masked_fill_(
             ~st["valid"][:, None, None, :Sb], float("-inf"))
-        w_in, w_out = self._weights()
+        w_in, w_out = self._weights(refresh=False)
         q, k, v = self._f_in(x, cos, sin, w_in[0])
         for i in range(spec.n_layers):
             kc, vc = st["k"][i], st["v"][i]
             kc.index_copy_(2, st["col"], k.unsqueeze(2))
             vc.index_copy_(2, st["col"], v.unsqueeze(2))
-            o = F.scaled_dot_product_attention(q.view(B, spec.kv_heads, spec.groups, spec.head_dim),
+            o = F.scaled_dot_product_attention(q.reshape(B, spec.kv_heads, spec.groups, spec.head_dim),
                                                kc[:, :, :Sb], vc[:, :, :Sb], attn_mask=bias, scale=spec.scaling)
             o = o.reshape(B, spec.heads * spec.head_dim)
             if i + 1 < spec.n_layers:
@@ -256,6 +294,8 @@ class StaticCacheEngine:
         if self.cuda_graphs and self._ptrs is not None and self._ptrs != self._weight_ptrs():
             self._graphs.clear()  # parameters were re-allocated: captured pointers are stale
         st = self._alloc(B, S, T)
+        if self.fuse_weights:
+            self._refresh_fused()
         if self.cuda_graphs:
             self._capture_all(greedy)
             self._ptrs = self._weight_ptrs()
@@ -339,6 +379,8 @@ class StaticCacheEngine:
         with torch.no_grad():
             if trainer_model is not self.model:
                 self.model.load_state_dict(trainer_model.state_dict())
+            if self.fuse_weights:
+                self._refresh_fused(force=True)
             probe = self.probe.to(next(trainer_model.parameters()).device)
             expected = token_logprobs(trainer_model, probe, torch.ones_like(probe), probe.shape[1] - 1)
         diff = (self.probe_logprobs() - expected.to(self.device)).abs().max().item()

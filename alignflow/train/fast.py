@@ -120,22 +120,47 @@ def apply_rope(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
+def fuse_in(w_in: tuple) -> tuple:
+    """attn_in weights with q/k/v concatenated: one GEMM instead of three (wk = wv = None marks the fused form)."""
+    ln_w, wq, bq, wk, bk, wv, bv, qn_w, kn_w = w_in
+    b = torch.cat([bq, bk, bv]) if bq is not None else None
+    return (ln_w, torch.cat([wq, wk, wv]), b, None, None, None, None, qn_w, kn_w)
+
+
+def fuse_out(w_out: tuple) -> tuple:
+    """attn_out_mlp weights with gate/up concatenated (wu = None marks the fused form)."""
+    wo, bo, ln_w, wg, bg, wu, bu, wd, bd = w_out
+    b = torch.cat([bg, bu]) if bg is not None else None
+    return (wo, bo, ln_w, torch.cat([wg, wu]), b, None, None, wd, bd)
+
+
 def attn_in(spec: DecoderSpec, x, cos, sin, ln_w, wq, bq, wk, bk, wv, bv, qn_w, kn_w):
-    """input RMSNorm + q/k/v projections + rotary. x [..., hidden] -> q [..., H, D], k/v [..., KV, D]."""
+    """input RMSNorm + q/k/v projections + rotary. x [..., hidden] -> q [..., H, D], k/v [..., KV, D].
+    wk None: wq/bq are the fused [q; k; v] weight/bias (see fuse_in)."""
     h = rms_norm(x, ln_w, spec.eps)
-    q = F.linear(h, wq, bq).unflatten(-1, (spec.heads, spec.head_dim))
-    k = F.linear(h, wk, bk).unflatten(-1, (spec.kv_heads, spec.head_dim))
-    v = F.linear(h, wv, bv).unflatten(-1, (spec.kv_heads, spec.head_dim))
+    qd, kd = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    if wk is None:
+        q, k, v = F.linear(h, wq, bq).split([qd, kd, kd], -1)
+    else:
+        q, k, v = F.linear(h, wq, bq), F.linear(h, wk, bk), F.linear(h, wv, bv)
+    q = q.unflatten(-1, (spec.heads, spec.head_dim))
+    k = k.unflatten(-1, (spec.kv_heads, spec.head_dim))
+    v = v.unflatten(-1, (spec.kv_heads, spec.head_dim))
     if qn_w is not None:
         q, k = rms_norm(q, qn_w, spec.qk_eps), rms_norm(k, kn_w, spec.qk_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def attn_out_mlp(spec: DecoderSpec, x, o, wo, bo, ln_w, wg, bg, wu, bu, wd, bd):
-    """o_proj + residual + post-attention RMSNorm + gated MLP + residual. o [..., H*D]."""
+    """o_proj + residual + post-attention RMSNorm + gated MLP + residual. o [..., H*D].
+    wu None: wg/bg are the fused [gate; up] weight/bias (see fuse_out)."""
     x = x + F.linear(o, wo, bo)
     h = rms_norm(x, ln_w, spec.eps)
-    return x + F.linear(spec.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+    if wu is None:
+        g, u = F.linear(h, wg, bg).chunk(2, -1)
+    else:
+        g, u = F.linear(h, wg, bg), F.linear(h, wu, bu)
+    return x + F.linear(spec.act(g) * u, wd, bd)
 
 
 class RopeTable:
@@ -237,13 +262,17 @@ def _block_causal_attention(spec: DecoderSpec, q, k, v, doc_ids):
     return out.transpose(1, 2)
 
 
-def train_layer(spec: DecoderSpec, x, cos, sin, cu, max_len: int, doc_ids, w_in: tuple, w_out: tuple):
+def train_layer(spec: DecoderSpec, x, cos, sin, cu, max_len: int, doc_ids, w_in: tuple, w_out: tuple,
+                attn_dtype: torch.dtype | None = None, fuse: bool = False):
     """One decoder layer on packed rows. x [R, L, hidden]; cos/sin [R, L, D]; either cu (int32 cu_seqlens over
-    the flattened rows, CUDA varlen path) or doc_ids [R, L] (SDPA block mask path)."""
+    the flattened rows, CUDA varlen path; q/k/v cast to `attn_dtype` if given) or doc_ids [R, L] (SDPA block
+    mask path). fuse: concatenate q/k/v and gate/up weights inside the (compiled) layer: fewer, larger GEMMs."""
     R, L, _ = x.shape
+    if fuse:
+        w_in, w_out = fuse_in(w_in), fuse_out(w_out)
     q, k, v = attn_in(spec, x, cos, sin, *w_in)
     if cu is not None:
-        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        dt = attn_dtype or q.dtype
         q, k, v = (t.reshape(R * L, t.shape[-2], spec.head_dim).to(dt) for t in (q, k, v))
         o = varlen_attention(q, k, v, cu, max_len, spec.scaling).view(R, L, spec.heads * spec.head_dim)
     else:
@@ -264,14 +293,12 @@ class PackedBatch:
     cu_seqlens: torch.Tensor     # [S + 1] int32 offsets of the segments in the flattened [R * L] stream
     max_seqlen: int              # an upper bound on any segment's length (the row length)
     doc_lengths: list[int]       # lengths of the real documents (padding tails excluded), for FLOP counts
+    n_targets: int               # labelled positions (a host int: no device sync in the step)
 
-    @property
-    def n_targets(self) -> int:
-        return int((self.targets != IGNORE).sum())
-
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.doc_ids.to(device), self.cu_seqlens.to(device), self.max_seqlen, self.doc_lengths)
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PackedBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.doc_ids),
+                           mv(self.cu_seqlens), self.max_seqlen, self.doc_lengths, self.n_targets)
 
 
 def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int) -> list[list[int]]:
@@ -324,7 +351,7 @@ def collate_packed(examples: Sequence[tuple[Sequence[int], Sequence[int]]], rows
             seg += 1
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-    return PackedBatch(ids, pos, tgt, doc, cu, seq_len, docs)
+    return PackedBatch(ids, pos, tgt, doc, cu, seq_len, docs, int((tgt != IGNORE).sum()))
 
 
 def pack_examples(examples, seq_len: int, pad_id: int, rows_per_batch: int | None = None) -> list[PackedBatch]:
@@ -500,10 +527,12 @@ class FastForward:
     attention: "auto" (varlen flash on CUDA when it runs, else SDPA block mask), "varlen" or "sdpa".
     compile: torch.compile each decoder layer (one compiled graph shared by all layers) — default on CUDA.
     gradient_checkpointing: recompute each layer in the backward (less memory, ~1/3 more layer FLOPs).
+    fuse_projections: one [q;k;v] and one [gate;up] GEMM per layer (weights concatenated inside the layer).
+    compile_mode: torch.compile mode, e.g. "max-autotune-no-cudagraphs" (autotuned GEMMs; long compile).
     """
 
     def __init__(self, model, *, attention: str = "auto", compile: bool | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, fuse_projections: bool = True, compile_mode: str | None = None):
         self.model, self.spec = model, decoder_spec(model)
         device = next(model.parameters()).device
         self.device = device
@@ -517,17 +546,21 @@ class FastForward:
         self.rope = RopeTable(model)
         spec = self.spec
 
-        def layer(x, cos, sin, cu, max_len, doc_ids, w_in, w_out):
-            return train_layer(spec, x, cos, sin, cu, max_len, doc_ids, w_in, w_out)
+        fuse = bool(fuse_projections)
 
-        self._layer = torch.compile(layer, dynamic=False) if self.compile else layer
+        def layer(x, cos, sin, cu, max_len, doc_ids, w_in, w_out, attn_dtype):
+            return train_layer(spec, x, cos, sin, cu, max_len, doc_ids, w_in, w_out, attn_dtype, fuse)
+
+        self._layer = torch.compile(layer, dynamic=False, mode=compile_mode) if self.compile else layer
 
     def hidden(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states [R, L, hidden]."""
         m = self.model.model
         x = m.embed_tokens(batch.input_ids)
-        cos_t, sin_t = self.rope.get(int(batch.position_ids.max()) + 1, x.device, x.dtype)
+        cos_t, sin_t = self.rope.get(batch.max_seqlen, x.device, x.dtype)  # positions < max_seqlen: no sync
         cos, sin = cos_t[batch.position_ids], sin_t[batch.position_ids]
+        amp = x.is_cuda and torch.is_autocast_enabled("cuda")
+        attn_dtype = torch.get_autocast_dtype("cuda") if amp else None
         if self.attention == "varlen":
             cu, doc = batch.cu_seqlens, None
             if self.compile:
@@ -535,14 +568,14 @@ class FastForward:
         else:
             cu, doc = None, batch.doc_ids
         for layer in m.layers:
-            args = (x, cos, sin, cu, batch.max_seqlen, doc, attn_in_weights(layer), attn_out_weights(layer))
+            args = (x, cos, sin, cu, batch.max_seqlen, doc, attn_in_weights(layer), attn_out_weights(layer), attn_dtype)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
             else:
                 x = self._layer(*args)
         return m.norm(x)
 
-    def loss(self, batch: PackedBatch, *, chunk: int = 4096, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, batch: PackedBatch, *, chunk: int = 8192, reduction: str = "mean") -> torch.Tensor:
         h = self.hidden(batch)
         return chunked_cross_entropy(h, self.model.lm_head.weight, batch.targets, chunk=chunk, reduction=reduction)
 
@@ -553,9 +586,11 @@ class FastSFTTrainer:
 
     def __init__(self, model, *, lr: float, weight_decay: float = 0.01, grad_clip: float = 1.0,
                  attention: str = "auto", compile: bool | None = None, gradient_checkpointing: bool = False,
-                 amp_dtype: torch.dtype | None = None, chunk: int = 4096, optimizer=None):
+                 amp_dtype: torch.dtype | None = None, chunk: int = 8192, optimizer=None,
+                 fuse_projections: bool = True, compile_mode: str | None = None):
         self.fwd = FastForward(model, attention=attention, compile=compile,
-                               gradient_checkpointing=gradient_checkpointing)
+                               gradient_checkpointing=gradient_checkpointing, fuse_projections=fuse_projections,
+                               compile_mode=compile_mode)
         self.model, self.grad_clip, self.chunk = model, grad_clip, chunk
         dev = self.fwd.device
         self.amp_dtype = amp_dtype if amp_dtype is not None else (torch.bfloat16 if dev.type == "cuda" else None)
@@ -597,6 +632,6 @@ def attention_flops(spec: DecoderSpec, doc_lengths: Sequence[int], backward: boo
     return fwd * (3 if backward else 1)
 
 
-__all__ = ["IGNORE", "DecoderSpec", "decoder_spec", "PackedBatch", "pack_rows", "collate_packed", "pack_examples",
+__all__ = ["IGNORE", "DecoderSpec", "decoder_spec", "fuse_in", "fuse_out", "PackedBatch", "pack_rows", "collate_packed", "pack_examples",
            "chunked_cross_entropy", "chunked_token_logprobs", "make_adamw", "FastForward", "FastSFTTrainer",
            "model_flops_per_token", "attention_flops", "varlen_available", "varlen_note"]

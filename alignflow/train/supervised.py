@@ -1,6 +1,7 @@
 """Next-token training shared by `base` (packed raw text) and `sft` (chat template, loss on the response only)."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from alignflow import checkpoint
+from alignflow import checkpoint, faults
 from alignflow.models import chat_prompt
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 def pack_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -68,10 +70,30 @@ def cosine_with_warmup(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _accumulate(model, batch: dict, micro_batches: int, amp: Callable, where: str, step: int) -> torch.Tensor:
+    """Forward/backward in `micro_batches` slices, each loss scaled by its share of the batch's tokens."""
+    faults.maybe_oom(where, step)
+    n_tokens = (batch["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+    total = torch.zeros((), device=batch["input_ids"].device)
+    for part in zip(*(v.tensor_split(micro_batches) for v in batch.values())):
+        micro = dict(zip(batch, part))
+        share = (micro["labels"][:, 1:] != IGNORE).sum() / n_tokens
+        with amp():
+            loss = faults.maybe_nan(where, step, model(**micro).loss) * share
+        loss.backward()
+        total = total + loss.detach()
+    return total
+
+
 def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, *, steps: int, lr: float,
              ckpt_dir: Path, checkpoint_every: int, on_log: Callable[[int, dict], None],
              validate: Callable[[], dict] | None = None, validate_every: int = 0,
-             stop: Callable[[dict], bool] | None = None, desc: str = "train", precision: str = "fp32") -> TrainResult:
+             stop: Callable[[dict], bool] | None = None, desc: str = "train", precision: str = "fp32",
+             max_nonfinite: int = 5) -> TrainResult:
     """AdamW + cosine schedule; resumes from `ckpt_dir` if a checkpoint is there (the data generator's state
     is part of it, so a resumed run sees the same batches as an uninterrupted one)."""
     from alignflow.models import autocast
@@ -85,18 +107,40 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
         if state["extra"].get("stopped"):
             return TrainResult(start, start, True, float("nan"))
     model.train()
-    loss_value, stopped = float("nan"), False
+    loss_value, stopped, nonfinite_in_row, micro_batches = float("nan"), False, 0, 1
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
     for step in bar:
-        with autocast(device.type, precision):
-            loss = model(**{k: v.to(device) for k, v in next_batch().items()}).loss
+        batch = {k: v.to(device) for k, v in next_batch().items()}
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        while True:  # an out-of-memory step is retried in twice as many micro-batches (same effective batch)
+            try:
+                loss = _accumulate(model, batch, micro_batches, lambda: autocast(device.type, precision), desc,
+                                   step + 1)
+                break
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                if micro_batches >= len(batch["input_ids"]):
+                    raise
+                micro_batches *= 2
+                log.warning("%s step %d: out of memory; retrying in %d micro-batches", desc, step + 1, micro_batches)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            nonfinite_in_row += 1
+            log.warning("%s step %d: non-finite loss or gradient; update skipped (%d in a row)", desc, step + 1,
+                        nonfinite_in_row)
+            if nonfinite_in_row >= max_nonfinite:
+                raise NonFiniteLossError(f"{desc}: {nonfinite_in_row} non-finite losses in a row at step {step + 1}; "
+                                         "lower the learning rate or check the data")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            nonfinite_in_row = 0
+            optimizer.step()
         scheduler.step()
         loss_value = loss.item()
-        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "micro_batches": micro_batches,
+                   "skipped_update": float(nonfinite_in_row > 0)}
         if validate and validate_every and ((step + 1) % validate_every == 0 or step + 1 == steps):
             metrics.update(validate())
             model.train()
@@ -106,6 +150,7 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
         if stopped or (step + 1) % checkpoint_every == 0:
             checkpoint.save(ckpt_dir, step + 1, model, optimizer, scheduler,
                             extra={"data_generator": generator.get_state(), "stopped": stopped})
+        faults.maybe_kill(desc, step + 1)
         if stopped:
             break
     bar.close()

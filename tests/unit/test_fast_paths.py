@@ -108,6 +108,23 @@ def test_sampling_follows_the_distribution(tok):
     torch.testing.assert_close(lps, probs.log()[toks], atol=1e-4, rtol=0)
 
 
+def test_fused_weights_match_and_follow_in_place_updates(model, tok):
+    m = copy.deepcopy(model)
+    fused, plain = StaticCacheEngine(m, tok), StaticCacheEngine(m, tok, fuse_weights=False)
+    s = Sampling(max_new_tokens=24, greedy=True)
+    a, b = fused.generate(PROMPTS, 1, s), plain.generate(PROMPTS, 1, s)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    with torch.no_grad():  # an optimizer-style in-place update, no sync: the fused copies must follow
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    c = fused.generate(PROMPTS, 2, Sampling(max_new_tokens=16, temperature=0.9))
+    with torch.no_grad():
+        ref = token_logprobs(m, c.input_ids, c.attention_mask, c.completion_mask.shape[1], 0.9)
+    mask = c.completion_mask.bool()
+    torch.testing.assert_close(c.logprobs[mask], ref[mask], atol=1e-4, rtol=0)
+
+
 def test_sync_copies_and_verifies(model, tok):
     trainer = copy.deepcopy(model)
     engine = StaticCacheEngine(copy.deepcopy(model), tok)
@@ -169,11 +186,12 @@ def test_packing_layout(tok):
     assert batch.n_targets == sum(sum(1 for y in lab[1:] if y != fast.IGNORE) for _, lab in ex)
 
 
-def test_packed_loss_equals_per_sequence_loss(model, tok):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_packed_loss_equals_per_sequence_loss(model, tok, fuse):
     ex = _examples(tok)
     [batch] = fast.pack_examples(ex, seq_len=32, pad_id=tok.pad_token_id)
     m1, m2 = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    ff = fast.FastForward(m1, attention="sdpa", compile=False)
+    ff = fast.FastForward(m1, attention="sdpa", compile=False, fuse_projections=fuse)
     packed = ff.loss(batch, chunk=7)
     ref = _reference_loss(m2, ex)
     torch.testing.assert_close(packed, ref, atol=1e-5, rtol=1e-5)

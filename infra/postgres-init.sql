@@ -1,0 +1,2 @@
+-- Run once by the postgres container on an empty volume: MLflow's store lives beside Prefect's.
+CREATE DATABASE mlflow;
