@@ -6,6 +6,7 @@
     alignflow algorithms                                      the registered RL methods
     alignflow check-config                                    validate pipelines.yaml and exit
     alignflow infra up|down|status [--database-url URL]       the scaled mode's servers and workers (docs/scaling.md)
+    alignflow vllm-env                                        build .venv-vllm for `rl.engine: vllm` (docs/vllm.md)
 """
 from __future__ import annotations
 
@@ -85,6 +86,18 @@ def cmd_import_tracking(args) -> int:
     return 0
 
 
+def cmd_export_splits(args) -> int:
+    """JSON Lines copies of a pipeline's curated splits, for a machine without pyarrow (read by read_split)."""
+    import pandas as pd
+
+    from alignflow.layout import Layout, find_root
+    curated = Layout(find_root(), args.pipeline).curated
+    for path in sorted(curated.glob("*.parquet")):
+        pd.read_parquet(path).to_json(path.with_suffix(".jsonl"), orient="records", lines=True)
+        print(path.with_suffix(".jsonl"))
+    return 0
+
+
 def cmd_check_config(args) -> int:
     from alignflow.config import load_project
     project = load_project(Path(args.config))
@@ -121,6 +134,14 @@ def cmd_infra(args) -> int:
     return 0 if st.get("running") else 1
 
 
+# ---- [vllm] `alignflow vllm-env`: vLLM's own environment (scripts/vllm_env.sh, docs/vllm.md)
+def cmd_vllm_env(args) -> int:
+    import subprocess
+
+    from alignflow.rollout.vllm_engine import REPO
+    return subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh")], cwd=REPO).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("algorithms", help="list the RL methods").set_defaults(fn=cmd_algorithms)
     sub.add_parser("import-tracking", help="load runs recorded without MLflow into MLflow").set_defaults(
         fn=cmd_import_tracking)
+    p = sub.add_parser("export-splits", help="JSON Lines copies of curated splits (for a box without pyarrow)")
+    p.add_argument("--pipeline", default="tiny")
+    p.set_defaults(fn=cmd_export_splits)
     p = sub.add_parser("check-config", help="validate pipelines.yaml")
     p.add_argument("--config", default="pipelines.yaml")
     p.set_defaults(fn=cmd_check_config)
@@ -160,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout", type=float, default=60.0, help="down: seconds to wait for running flow runs")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(fn=cmd_infra)
+    sub.add_parser("vllm-env", help="build .venv-vllm (vLLM's own environment) for rl.engine: vllm").set_defaults(
+        fn=cmd_vllm_env)  # [vllm]
     args = parser.parse_args(argv)
 
     try:

@@ -110,6 +110,7 @@ class CandidateConfig(Strict):
     steps: int = Field(300, ge=1)
     checkpoints: list[int] = Field(default_factory=lambda: [150, 300], min_length=1)
     lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up (Adam's first steps are sign-like)")
     hparams: dict[str, float] = Field(default_factory=dict, description="algorithm constants, e.g. clip_eps")
 
     @model_validator(mode="after")

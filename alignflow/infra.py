@@ -396,134 +396,153 @@ def configure_dvc_remote(root: Path, url: str, env: dict[str, str]) -> None:
                    cwd=root, env=env, check=True, capture_output=True, text=True)
 
 
+class _Launch:
+    """One `up`: the processes' environments, what has started so far (stopped again if a later step
+    fails), and how long each step took."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.root, self.d = settings, Path(settings.root).resolve(), settings.dir
+        self.logs, self.processes, self.timings = self.d / "logs", {}, {}
+        self.server_auth, self.client_auth, self.mlflow_auth = _auth_env(settings)
+        self.host, chost = settings.host, _client_host(settings.host)
+        self.prefect_port = _pick_port(self.host, settings.prefect_port, 4200)
+        self.mlflow_port = _pick_port(self.host, settings.mlflow_port, 5000)
+        self.api_url = f"http://{chost}:{self.prefect_port}/api"
+        self.mlflow_url = f"http://{chost}:{self.mlflow_port}"
+        self.remote = str(self.d / "dvc-remote")
+        base = {k: v for k, v in os.environ.items()  # nothing of another set, or a secret, inherited by accident
+                if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+        base.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                     "PREFECT_HOME": str(self.d / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                     "PREFECT_LOGGING_LEVEL": "INFO", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                     **settings.extra_env})
+        self.base = base
+        self.client = {**base, **self.client_auth, "PREFECT_API_URL": self.api_url,
+                       "MLFLOW_TRACKING_URI": self.mlflow_url}
+
+    def _timed(self, key: str, start: float) -> None:
+        self.timings[key] = round(time.monotonic() - start, 2)
+
+    def prefect_server(self) -> None:
+        """`prefect server database upgrade` first (RECIPES.md section 2), then the server."""
+        t, url = time.monotonic(), self.settings.database_url
+        if url:
+            ensure_database(url)
+        # the UI has the browser call PREFECT_UI_API_URL; unset, it calls port 4200 whatever --port says
+        advertise = (_client_host(self.host) if self.host in LOOPBACK
+                     else os.environ.get("ALIGNFLOW_ADVERTISE_HOST") or socket.getfqdn())
+        env = {**self.base, **self.server_auth,
+               "PREFECT_API_DATABASE_CONNECTION_URL": _asyncpg_url(url) if url
+               else f"sqlite+aiosqlite:///{self.d / 'prefect.db'}",
+               "PREFECT_SERVER_API_HOST": self.host, "PREFECT_SERVER_API_PORT": str(self.prefect_port),
+               "PREFECT_UI_API_URL": f"http://{advertise}:{self.prefect_port}/api"}
+        proc = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=env,
+                              capture_output=True, text=True)
+        (self.logs / "prefect-db-upgrade.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+        if proc.returncode != 0:
+            raise InfraError(f"prefect server database upgrade failed; see {self.logs / 'prefect-db-upgrade.log'}")
+        self._timed("prefect_db_upgrade_s", t)
+        t = time.monotonic()
+        p = self.processes["prefect-server"] = _start("prefect-server", [
+            str(BIN / "prefect"), "server", "start", "--host", self.host, "--port", str(self.prefect_port)],
+            env, self.logs)
+        _wait_http(f"{self.api_url}/health", self.settings.startup_timeout, p, _auth_header(self.client_auth))
+        self._timed("prefect_server_s", t)
+
+    def mlflow_server(self) -> None:
+        t = time.monotonic()
+        argv = [str(BIN / "mlflow"), "server", "--host", self.host, "--port", str(self.mlflow_port),
+                "--backend-store-uri", f"sqlite:///{self.d / 'mlflow.db'}",
+                "--artifacts-destination", str(self.d / "mlflow-artifacts"), "--workers", "1", *self.mlflow_auth]
+        p = self.processes["mlflow-server"] = _start("mlflow-server", argv, {**self.base, **self.server_auth},
+                                                     self.logs)
+        _wait_http(f"{self.mlflow_url}/health", self.settings.startup_timeout, p)
+        self._timed("mlflow_server_s", t)
+
+    def workers(self) -> None:
+        """One process worker per pool, with what a stage job needs (flows/deploy.py:dvc_stage)."""
+        t, host_name, launched = time.monotonic(), socket.gethostname().split(".")[0], []
+        for pool in POOLS:
+            name = f"{pool}-{host_name}"
+            env = {**self.client, "PREFECT_WORKER_QUERY_SECONDS": "1", "ALIGNFLOW_MODE": "scaled",
+                   "ALIGNFLOW_DVC_REMOTE": self.remote, "ALIGNFLOW_WORK_DIR": str(self.d / "work" / pool),
+                   "PREFECT_LOCAL_STORAGE_PATH": str(self.d / "results")}
+            if pool == "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ""  # CPU stages never take a GPU
+            argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+            if pool == "cpu" and self.settings.cpu_limit:
+                argv += ["--limit", str(self.settings.cpu_limit)]
+            self.processes[f"worker-{pool}"] = _start(f"worker-{pool}", argv, env, self.logs)
+            launched.append((pool, name))
+        for pool, name in launched:
+            _wait_worker(self.api_url, self.client, pool, name, self.processes[f"worker-{pool}"],
+                         self.settings.startup_timeout)
+        self._timed("workers_s", t)
+
+    def deploy(self) -> list[str]:
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--root", str(self.root),
+                               *(self.settings.deployments or [])], cwd=self.root,
+                              env={**self.client, "PREFECT_LOGGING_LEVEL": "WARNING"}, capture_output=True, text=True)
+        (self.logs / "deploy.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+        if proc.returncode != 0:
+            raise InfraError(f"deploying infra/prefect.yaml failed; see {self.logs / 'deploy.log'}:\n"
+                             f"{proc.stderr[-1500:]}")
+        self._timed("deploy_s", t)
+        return [line.split("deployed ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("deployed ")]
+
+    def state(self) -> dict:
+        s, d = self.settings, self.d
+        return {"running": False, "root": str(self.root), "host": self.host, "api_url": self.api_url,
+                "ui_url": self.api_url.removesuffix("/api"), "mlflow_url": self.mlflow_url,
+                "database": mask_url(s.database_url) if s.database_url else f"sqlite:{d / 'prefect.db'}",
+                "mlflow_store": f"sqlite:{d / 'mlflow.db'}", "artifacts": str(d / "mlflow-artifacts"),
+                "dvc_remote": self.remote, "results": str(d / "results"), "gpus": s.gpus,
+                "processes": self.processes, "timings": self.timings}
+
+
 def up(settings: Settings, log=print) -> dict:
-    root = Path(settings.root).resolve()
-    d = settings.dir
+    """Start the set (or say it is already up); returns what state.json records."""
+    root, d = Path(settings.root).resolve(), settings.dir
     state = _read_state(root)
     if state and state.get("running") and all(_alive(p) for p in state["processes"].values()):
         log(f"already up: Prefect {state['ui_url']}, MLflow {state['mlflow_url']} (`alignflow infra down` stops it)")
         return state
+    if state and any(_alive(p) for p in state.get("processes", {}).values()):
+        log("a previous set is partly up: stopping what is left of it first")
+        down(root, drain_timeout=10, log=log)
     _self_ignoring(root / ".alignflow")
-    logs = d / "logs"
     for sub in ("logs", "prefect-home", "mlflow-artifacts", "dvc-remote", "results", "work/cpu", "work/gpu"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    server_auth, client_auth, mlflow_auth = _auth_env(settings)
-    host, chost = settings.host, _client_host(settings.host)
-    prefect_port = _pick_port(host, settings.prefect_port, 4200)
-    mlflow_port = _pick_port(host, settings.mlflow_port, 5000)
-    api_url = f"http://{chost}:{prefect_port}/api"
-    mlflow_url = f"http://{chost}:{mlflow_port}"
-
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}  # nothing inherited by accident
-    base.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                 "PREFECT_HOME": str(d / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_LOGGING_LEVEL": "INFO", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                 "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        base.pop(key, None)
-    base.update(settings.extra_env)
-
-    if settings.database_url:
-        ensure_database(settings.database_url)
-        db_url = _asyncpg_url(settings.database_url)
-    else:
-        db_url = f"sqlite+aiosqlite:///{d / 'prefect.db'}"
-    # the UI asks the browser to call PREFECT_UI_API_URL; without it the UI calls port 4200 whatever --port says
-    advertise = chost if host in LOOPBACK else (os.environ.get("ALIGNFLOW_ADVERTISE_HOST") or socket.getfqdn())
-    server_env = {**base, **server_auth, "PREFECT_API_DATABASE_CONNECTION_URL": db_url,
-                  "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
-                  "PREFECT_UI_API_URL": f"http://{advertise}:{prefect_port}/api"}
-
-    # the two servers start side by side; the Prefect database is migrated first (RECIPES.md section 2)
-    processes: dict[str, dict] = {}  # filled as each process starts, so a failure stops what did start
-
-    def prefect_server() -> dict:
-        t = time.monotonic()
-        proc = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=server_env,
-                              capture_output=True, text=True)
-        (logs / "prefect-db-upgrade.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
-        if proc.returncode != 0:
-            raise InfraError(f"prefect server database upgrade failed; see {logs / 'prefect-db-upgrade.log'}")
-        timings["prefect_db_upgrade_s"] = round(time.monotonic() - t, 2)
-        p = processes["prefect-server"] = _start(
-            "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
-            server_env, logs)
-        timings["prefect_server_s"] = round(_wait_http(f"{api_url}/health", settings.startup_timeout, p,
-                                                        _auth_header(client_auth)), 2)
-        return p
-
-    def mlflow_server() -> dict:
-        argv = [str(BIN / "mlflow"), "server", "--host", host, "--port", str(mlflow_port),
-                "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                "--artifacts-destination", str(d / "mlflow-artifacts"), "--workers", "1", *mlflow_auth]
-        p = processes["mlflow-server"] = _start("mlflow-server", argv, {**base, **server_auth}, logs)
-        timings["mlflow_server_s"] = round(_wait_http(f"{mlflow_url}/health", settings.startup_timeout, p), 2)
-        return p
-
-    remote = str(d / "dvc-remote")
-    state = {"running": False, "root": str(root), "host": host, "api_url": api_url,
-             "ui_url": api_url.removesuffix("/api"), "mlflow_url": mlflow_url,
-             "database": mask_url(settings.database_url) if settings.database_url else f"sqlite:{d / 'prefect.db'}",
-             "mlflow_store": f"sqlite:{d / 'mlflow.db'}", "artifacts": str(d / "mlflow-artifacts"),
-             "dvc_remote": remote, "results": str(d / "results"), "gpus": settings.gpus,
-             "processes": processes, "timings": timings}
+    launch = _Launch(settings)
+    state = launch.state()
     try:
-        with ThreadPoolExecutor(3) as pool:
-            started = [pool.submit(prefect_server), pool.submit(mlflow_server),
-                       pool.submit(configure_dvc_remote, root, remote, base)]
+        with ThreadPoolExecutor(3) as pool:  # the two servers start side by side
+            started = [pool.submit(launch.prefect_server), pool.submit(launch.mlflow_server),
+                       pool.submit(configure_dvc_remote, root, launch.remote, launch.base)]
         for fut in started:
-            fut.result()  # re-raises the first failure (after both servers had their chance to start)
-        timings["servers_s"] = round(time.monotonic() - t0, 2)
-        client = {**base, **client_auth, "PREFECT_API_URL": api_url, "MLFLOW_TRACKING_URI": mlflow_url}
+            fut.result()  # re-raises the first failure, once both servers had their chance to start
+        launch._timed("servers_s", t0)
         t = time.monotonic()
-        ensure_pools(api_url, client, root, settings.gpus)
-        timings["pools_s"] = round(time.monotonic() - t, 2)
+        ensure_pools(launch.api_url, launch.client, root, settings.gpus)
+        launch._timed("pools_s", t)
         if settings.workers:
-            t = time.monotonic()
-            host_name = socket.gethostname().split(".")[0]
-            launched = []
-            for pool in POOLS:
-                name = f"{pool}-{host_name}"
-                worker_env = {**client, "PREFECT_WORKER_QUERY_SECONDS": "1", "ALIGNFLOW_MODE": "scaled",
-                              "ALIGNFLOW_DVC_REMOTE": remote, "ALIGNFLOW_WORK_DIR": str(d / "work" / pool),
-                              "PREFECT_LOCAL_STORAGE_PATH": str(d / "results")}
-                if pool == "cpu":
-                    worker_env["CUDA_VISIBLE_DEVICES"] = ""  # CPU stages never take a GPU
-                argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
-                if pool == "cpu" and settings.cpu_limit:
-                    argv += ["--limit", str(settings.cpu_limit)]
-                processes[f"worker-{pool}"] = _start(f"worker-{pool}", argv, worker_env, logs)
-                launched.append((pool, name))
-            for pool, name in launched:
-                _wait_worker(api_url, client, pool, name, processes[f"worker-{pool}"], settings.startup_timeout)
-            timings["workers_s"] = round(time.monotonic() - t, 2)
+            launch.workers()
         if settings.deploy:
-            t = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "flows.deploy", "--root", str(root),
-                                   *(settings.deployments or [])], cwd=root,
-                                  env={**client, "PREFECT_LOGGING_LEVEL": "WARNING"}, capture_output=True, text=True)
-            (logs / "deploy.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
-            if proc.returncode != 0:
-                raise InfraError(f"deploying infra/prefect.yaml failed; see {logs / 'deploy.log'}:\n"
-                                 f"{proc.stderr[-1500:]}")
-            state["deployments"] = [line.split("deployed ", 1)[1] for line in proc.stdout.splitlines()
-                                    if line.startswith("deployed ")]
-            timings["deploy_s"] = round(time.monotonic() - t, 2)
+            state["deployments"] = launch.deploy()
     except BaseException:
-        for proc in reversed(list(processes.values())):
+        for proc in reversed(list(launch.processes.values())):
             _stop(proc)
-        state["processes"] = processes
-        _write_state(root, {**state, "running": False, "failed_at": time.time()})
+        _write_state(root, {**state, "failed_at": time.time()})
         raise
-    timings["total_s"] = round(time.monotonic() - t0, 2)
+    launch._timed("total_s", t0)
     state.update(running=True, started_at=time.time())
     _write_state(root, state)
     _write_env_sh(d, state)
-    log(f"up in {timings['total_s']:.1f} s: Prefect UI {state['ui_url']}, MLflow {mlflow_url}, "
-        f"DVC remote {remote}; `source {d / 'env.sh'}` to use it")
+    log(f"up in {launch.timings['total_s']:.1f} s: Prefect UI {state['ui_url']}, MLflow {state['mlflow_url']}, "
+        f"DVC remote {launch.remote}; `source {d / 'env.sh'}` to use it")
     return state
 
 

@@ -47,6 +47,18 @@ class StageContext:
         self.curve.append({**labels, "step": step, **{k: round(float(v), 6) for k, v in metrics.items()}})
 
 
+def read_split(curated: Path, split: str):
+    """A curated split as a DataFrame: the Parquet file, or its JSON Lines export where pyarrow is missing
+    (a GPU box carrying only what the training needs; `alignflow export-splits` writes the exports)."""
+    import importlib.util
+
+    import pandas as pd
+    parquet = curated / f"{split}.parquet"
+    if parquet.exists() and importlib.util.find_spec("pyarrow"):
+        return pd.read_parquet(parquet)
+    return pd.read_json(curated / f"{split}.jsonl", lines=True, dtype={"answer": str, "response": str})
+
+
 def open_stage(name: str, pipeline: str, inputs: list[str]) -> StageContext:
     """Load the validated config, seed everything; `inputs` names the Layout attributes the stage reads."""
     root = find_root()

@@ -121,11 +121,11 @@ def prompts(B: int, vocab: int, P: int = 64, lo: int = 16, seed: int = 0):
     return ids.cuda(), mask.cuda()
 
 
-def correctness_tiny() -> dict:
+def correctness_tiny(fuse_weights: bool = True) -> dict:
     m = build_tiny()
     ids, mask = prompts(16, 48, P=12, lo=3, seed=1)
     out = {}
-    eng = StaticCacheEngine(m, None, eos_token_id=3, pad_token_id=0)
+    eng = StaticCacheEngine(m, None, eos_token_id=3, pad_token_id=0, fuse_weights=fuse_weights)
     got = eng.generate_ids(ids, mask, Sampling(max_new_tokens=40, greedy=True))
     want = m.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=0,
                       eos_token_id=3)[:, ids.shape[1]:]
@@ -190,6 +190,84 @@ def time_ours(engine, ids, mask, T, runs=3) -> dict:
             "warmup_s": warm, "all_runs_s": [r[0] for r in res], "graphs": stats.get("graphs"), "_out": out}
 
 
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "gemv")):
+        return "gemm"
+    if "triton" in n:
+        return "triton (fused pointwise/reductions)"
+    if any(k in n for k in ("exponential", "philox", "distribution", "random")):
+        return "random"
+    if any(k in n for k in ("index", "copy", "fill", "cat", "elementwise", "reduce", "where")):
+        return "eager pointwise/copies"
+    return "other"
+
+
+def profile_kernels(fn, reps: int) -> dict:
+    """GPU time per call by kernel class and the top kernels (torch.profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and e.count:
+            rows.append((e.key, t / reps, e.count / reps))
+    classes: dict = {}
+    for name, t, c in rows:
+        k = kernel_class(name)
+        classes.setdefault(k, [0.0, 0.0])
+        classes[k][0] += t
+        classes[k][1] += c
+    rows.sort(key=lambda r: -r[1])
+    return {"gpu_us_per_call": sum(r[1] for r in rows),
+            "kernels_per_call": sum(r[2] for r in rows),
+            "by_class_us_and_count": {k: [round(v[0], 1), round(v[1], 1)] for k, v in classes.items()},
+            "top": [[n[:90], round(t, 1), round(c, 1)] for n, t, c in rows[:18]]}
+
+
+@torch.no_grad()
+def profile_decode(engine, P: int, Sb: int) -> dict:
+    st = engine._state
+    out = {}
+
+    def reset():
+        st["col"].fill_(P)
+        st["t"].fill_(1)
+        st["pos"].fill_(P)
+
+    def eager_steps():
+        reset()
+        for _ in range(4):
+            engine._step(Sb, False)
+    out["step_compiled_no_graph"] = profile_kernels(eager_steps, 1)
+    out["step_compiled_no_graph"]["note"] = "4 steps per call"
+    g = engine._graphs.get((False, Sb))
+    if g is not None:
+        def replays():
+            reset()
+            for _ in range(4):
+                g.replay()
+        out["graph_replay_4_steps"] = profile_kernels(replays, 1)
+        reset()
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(50):
+            g.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        out["graph_replay_ms_per_step"] = ev[0].elapsed_time(ev[1]) / 50
+    return out
+
+
 def time_hf(model, ids, mask, T, runs=2) -> dict:
     kw = dict(max_new_tokens=T, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, cache_implementation="static",
               pad_token_id=PAD, eos_token_id=EOS)
@@ -216,6 +294,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--unfused", action="store_true", help="also time the engine without fused projections")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining peer/variant runs past this")
     ap.add_argument("--variants", action="store_true", help="also time eager and compile-only at the first batch")
     args = ap.parse_args()
@@ -229,11 +308,12 @@ def main() -> int:
     t0 = time.perf_counter()
     RESULT["ceilings"] = ceilings()
     log("ceilings", RESULT["ceilings"])
-    try:
-        RESULT["correctness_tiny_fp32_cuda"] = correctness_tiny()
-    except Exception:  # noqa: BLE001
-        RESULT["correctness_tiny_fp32_cuda"] = {"error": traceback.format_exc()[-3000:]}
-    log("correctness", RESULT["correctness_tiny_fp32_cuda"])
+    for key, fw in (("correctness_tiny_fp32_cuda", True), ("correctness_tiny_fp32_cuda_unfused", False)):
+        try:
+            RESULT[key] = correctness_tiny(fw)
+        except Exception:  # noqa: BLE001
+            RESULT[key] = {"error": traceback.format_exc()[-3000:]}
+        log(key, RESULT[key])
     save(args.out)
     model = build_05b()
     n_params = sum(p.numel() for p in model.parameters())
@@ -272,6 +352,24 @@ def main() -> int:
             entry["alignflow_static"] = {"error": traceback.format_exc()[-3000:]}
         log(B, "ours", {k: v for k, v in entry["alignflow_static"].items() if k != "all_runs_s"})
         save(args.out)
+        if B == args.batches[0]:
+            try:
+                entry["profile"] = profile_decode(engine, P, 192)
+            except Exception:  # noqa: BLE001
+                entry["profile"] = {"error": traceback.format_exc()[-2000:]}
+            log(B, "profile", json.dumps(entry["profile"])[:1500])
+            if args.unfused:
+                try:
+                    e2 = StaticCacheEngine(model, None, eos_token_id=EOS, pad_token_id=PAD, probe_ids=probe,
+                                           fuse_weights=False)
+                    r = time_ours(e2, ids, mask, T)
+                    r.pop("_out")
+                    entry["alignflow_static_unfused"] = r
+                    del e2
+                except Exception:  # noqa: BLE001
+                    entry["alignflow_static_unfused"] = {"error": traceback.format_exc()[-2000:]}
+                log(B, "unfused", entry["alignflow_static_unfused"])
+            save(args.out)
         if not args.skip_peer and time.perf_counter() - t0 < args.budget_s:
             try:
                 entry["hf_generate_static"] = time_hf(model, ids, mask, T)

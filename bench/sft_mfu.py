@@ -9,7 +9,8 @@ first-fit-decreasing into rows of 1,024 tokens; one optimizer step = 2 micro-bat
   sequences (sdpa, full causal attention over each row, logits for every position, the loss upcast to fp32),
   backward, clip_grad_norm_, torch.optim.AdamW (foreach);
 * alignflow: FastSFTTrainer - position ids restart per document, varlen flash attention (block-diagonal causal),
-  per-layer torch.compile, chunked linear+cross-entropy (4,096 rows at a time), fused AdamW, same clipping.
+  per-layer torch.compile, fused [q;k;v] and [gate;up] GEMMs, chunked linear+cross-entropy (8,192 rows at a
+  time), fused AdamW, same clipping.
 
 MFU = (6 * N * tokens + causal attention FLOPs of the documents) / step time / peak, N = decoder matmul params +
 lm_head (embedding lookup excluded), tokens = document tokens (padding tails excluded); the same numerator for
@@ -97,12 +98,12 @@ def make_examples(n_tokens: int, seed: int, vocab: int = 151000):
     return out
 
 
-def make_steps(n_steps: int, seed: int = 0):
-    """n_steps optimizer steps, each MICRO packed batches of ROWS rows (rows filled by first-fit-decreasing)."""
-    exs = make_examples(int(n_steps * MICRO * ROWS * SEQ * 1.02), seed)
-    batches = fast.pack_examples(exs, SEQ, pad_id=0, rows_per_batch=ROWS)
-    batches = [b for b in batches if b.input_ids.shape[0] == ROWS]
-    steps = [batches[i:i + MICRO] for i in range(0, len(batches) - MICRO + 1, MICRO)][:n_steps]
+def make_steps(n_steps: int, seed: int = 0, rows: int = ROWS, micro: int = MICRO):
+    """n_steps optimizer steps, each `micro` packed batches of `rows` rows (rows filled by first-fit-decreasing)."""
+    exs = make_examples(int(n_steps * micro * rows * SEQ * 1.02), seed)
+    batches = fast.pack_examples(exs, SEQ, pad_id=0, rows_per_batch=rows)
+    batches = [b for b in batches if b.input_ids.shape[0] == rows]
+    steps = [batches[i:i + micro] for i in range(0, len(batches) - micro + 1, micro)][:n_steps]
     return [[b.to("cuda") for b in s] for s in steps]
 
 
@@ -143,6 +144,44 @@ def plain_step_fn(model, opt):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "attention", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "gemv")):
+        return "gemm"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer / grad-norm"
+    if "triton" in n:
+        return "triton (fused pointwise/reductions)"
+    return "other eager kernels"
+
+
+def profile_step(fn, step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(step)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and e.count:
+            rows.append((e.key, t, e.count))
+    classes: dict = {}
+    for name, t, c in rows:
+        k = kernel_class(name)
+        classes.setdefault(k, [0.0, 0])
+        classes[k][0] += t / 1e3
+        classes[k][1] += c
+    rows.sort(key=lambda r: -r[1])
+    return {"gpu_ms": sum(r[1] for r in rows) / 1e3, "kernels": sum(r[2] for r in rows),
+            "by_class_ms_and_count": {k: [round(v[0], 2), v[1]] for k, v in classes.items()},
+            "top": [[n[:90], round(t / 1e3, 2), c] for n, t, c in rows[:20]]}
 
 
 def correctness(model) -> dict:
@@ -197,7 +236,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft_mfu.json"))
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--variants", action="store_true", help="also time the fast step without torch.compile")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the fast step without fused projections (chunk 4096) and with 16 rows x 1")
+    ap.add_argument("--autotune", action="store_true", help="with --variants: also compile max-autotune (slow)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining variants past this many seconds")
     args = ap.parse_args()
     t0 = time.perf_counter()
     RESULT.update(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
@@ -240,6 +282,10 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
         RESULT["plain_transformers"] = mfu(timed(plain_step_fn(model, opt), steps[:warm_plain + args.steps], warm_plain),
                                            warm_plain)
+        try:
+            RESULT["plain_transformers_profile"] = profile_step(plain_step_fn(model, opt), steps[0])
+        except Exception:  # noqa: BLE001
+            RESULT["plain_transformers_profile"] = {"error": traceback.format_exc()[-2000:]}
         del opt
     except Exception:  # noqa: BLE001
         RESULT["plain_transformers"] = {"error": traceback.format_exc()[-3000:]}
@@ -253,7 +299,13 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
         RESULT["alignflow_fast"] = mfu(timed(tr.step, steps[:warm_fast + args.steps], warm_fast), warm_fast)
         RESULT["alignflow_fast"].update(attention=tr.fwd.attention, compiled=tr.fwd.compile,
-                                        fused_adamw=bool(tr.optimizer.param_groups[0].get("fused")))
+                                        fused_adamw=bool(tr.optimizer.param_groups[0].get("fused")),
+                                        chunk=tr.chunk, fused_projections=True)
+        try:
+            RESULT["alignflow_fast_profile"] = profile_step(tr.step, steps[0])
+        except Exception:  # noqa: BLE001
+            RESULT["alignflow_fast_profile"] = {"error": traceback.format_exc()[-2000:]}
+        log("fast profile", json.dumps(RESULT["alignflow_fast_profile"])[:2500])
         del tr
     except Exception:  # noqa: BLE001
         RESULT["alignflow_fast"] = {"error": traceback.format_exc()[-3000:]}
@@ -262,15 +314,37 @@ def main() -> int:
     torch.cuda.empty_cache()
     save(args.out)
     if args.variants:
-        try:
-            tr = fast.FastSFTTrainer(model, lr=1e-5, weight_decay=0.01, compile=False)
-            torch.cuda.reset_peak_memory_stats()
-            RESULT["alignflow_fast_no_compile"] = mfu(timed(tr.step, steps[:2 + 3], 2), 2)
-            del tr
-        except Exception:  # noqa: BLE001
-            RESULT["alignflow_fast_no_compile"] = {"error": traceback.format_exc()[-3000:]}
-        log("fast no compile", RESULT["alignflow_fast_no_compile"])
-        save(args.out)
+        variants = [("alignflow_fast_unfused_chunk4096", dict(fuse_projections=False, chunk=4096), None),
+                    ("alignflow_fast_rows16x1", {}, "rows16")]
+        if args.autotune:
+            variants.append(("alignflow_fast_max_autotune", dict(compile_mode="max-autotune-no-cudagraphs"), None))
+        steps16 = None
+        for name, kw, data in variants:
+            if time.perf_counter() - t0 > args.budget_s:
+                RESULT[name] = {"skipped": "time budget"}
+                continue
+            try:
+                if data == "rows16":
+                    steps16 = steps16 or make_steps(warm_fast + 3, seed=1, rows=2 * ROWS, micro=1)
+                    use = steps16
+                else:
+                    use = steps[:warm_fast + 3]
+                tr = fast.FastSFTTrainer(model, lr=1e-5, weight_decay=0.01, **kw)
+                torch.cuda.reset_peak_memory_stats()
+                flops_v = [flops_of(s, N, spec) for s in use]
+                e = timed(tr.step, use, warm_fast)
+                f = statistics.mean(x[0] for x in flops_v[warm_fast:])
+                e.update(model_flops_per_step=f, achieved_flops=f / e["step_s"], mfu=f / e["step_s"] / PEAK,
+                         mfu_vs_measured_matmul=f / e["step_s"] / RESULT["measured_bf16_matmul_flops"],
+                         tokens_per_s=statistics.mean(x[1] for x in flops_v[warm_fast:]) / e["step_s"], config=kw)
+                RESULT[name] = e
+                del tr
+            except Exception:  # noqa: BLE001
+                RESULT[name] = {"error": traceback.format_exc()[-3000:]}
+            log(name, RESULT[name])
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            save(args.out)
     p, f = RESULT.get("plain_transformers", {}), RESULT.get("alignflow_fast", {})
     RESULT["mfu"] = f.get("mfu")
     if "step_s" in p and "step_s" in f:
@@ -278,7 +352,8 @@ def main() -> int:
     RESULT["wall_s"] = time.perf_counter() - t0
     save(args.out)
     log("\nvariant                step ms    MFU   MFU/meas.matmul  tok/s")
-    for k in ("plain_transformers", "alignflow_fast", "alignflow_fast_no_compile"):
+    for k in ("plain_transformers", "alignflow_fast", "alignflow_fast_unfused_chunk4096", "alignflow_fast_rows16x1",
+              "alignflow_fast_max_autotune"):
         e = RESULT.get(k)
         if e and "step_s" in e:
             log(f"{k:<22} {1e3 * e['step_s']:>8.1f} {e['mfu']:>6.3f} {e['mfu_vs_measured_matmul']:>10.3f} "

@@ -23,6 +23,7 @@ import base64
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -154,16 +155,22 @@ def _at(path: Path, env: dict[str, str] | None = None):
                 os.environ[k] = v
 
 
+def _checkout_dir(repo: str, pipeline: str) -> Path:
+    base = Path(os.environ.get("ALIGNFLOW_WORK_DIR") or Path.home() / ".cache" / "alignflow" / "work")
+    return base.resolve() / f"{hashlib.sha1(repo.encode()).hexdigest()[:8]}-{pipeline}"
+
+
 def checkout(repo: str, rev: str, pipeline: str) -> Path:
     """The worker's persistent checkout for (repo, pipeline) at `rev`: outputs and resume checkpoints of
     earlier runs stay (ignored by git), so an unchanged input is not downloaded twice and a killed stage
     resumes. ALIGNFLOW_WORK_DIR (set by `alignflow infra up`) says where checkouts live."""
-    base = Path(os.environ.get("ALIGNFLOW_WORK_DIR") or Path.home() / ".cache" / "alignflow" / "work")
-    work = base / f"{hashlib.sha1(repo.encode()).hexdigest()[:8]}-{pipeline}"
+    if rev.startswith("-") or repo.startswith("-"):  # parameters come from the API: no git options
+        raise ValueError(f"refusing repo {repo!r} / rev {rev!r}")
+    work = _checkout_dir(repo, pipeline)
     if not (work / ".git").exists():
         work.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "clone", "-q", "--no-checkout", repo, str(work)], check=True, capture_output=True,
-                       text=True)
+        subprocess.run(["git", "clone", "-q", "--no-checkout", "--", repo, str(work)], check=True,
+                       capture_output=True, text=True)
     try:
         _git(work, "cat-file", "-e", f"{rev}^{{commit}}")
     except subprocess.CalledProcessError:
@@ -200,8 +207,8 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
     target, t = f"{stage}@{pipeline}", {}
     start = time.perf_counter()
     if repo:
-        work = Path(os.environ.get("ALIGNFLOW_WORK_DIR") or ".").resolve()
-        lock = work / f".{hashlib.sha1(repo.encode()).hexdigest()[:8]}-{pipeline}.lock"
+        work = _checkout_dir(repo, pipeline)
+        lock = work.with_name(f".{work.name}.lock")
     else:
         from alignflow.layout import find_root
         work = find_root()
@@ -227,6 +234,10 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
     t["job_s"] = time.perf_counter() - start
     timings = {k: round(v, 2) for k, v in t.items()}
     print(f"{target}: {'ran' if ran else 'up to date'} in {work} on {socket.gethostname()} {timings}")
+    from prefect.artifacts import create_table_artifact
+    create_table_artifact(key=re.sub(r"[^a-z0-9-]+", "-", f"dvc-stage-{stage}-{pipeline}".lower()),
+                          table=[{"stage": target, "ran": bool(ran), "host": socket.gethostname(), **timings}],
+                          description="where the time of this stage job went (seconds)")
     return {"stage": stage, "ran": ran, "files": back, "timings": timings, "workdir": str(work),
             "host": socket.gethostname()}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -345,7 +346,6 @@ class StaticCacheEngine:
             return 0.0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        import time
         return time.perf_counter()
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:

@@ -17,7 +17,7 @@ import sys
 import time
 
 from alignflow.layout import write_json
-from alignflow.stage import open_stage, tracked, write_metrics
+from alignflow.stage import open_stage, read_split, tracked, write_metrics
 from alignflow.steps import policies, train
 
 
@@ -31,7 +31,7 @@ def _rl(ctx) -> dict:
 
 def _scores(ctx) -> dict:
     import pandas as pd
-    splits = {name: pd.read_parquet(ctx.layout.curated / f"{name}.parquet") for name in ("eval", "ood")}
+    splits = {name: read_split(ctx.layout.curated, name) for name in ("eval", "ood")}
     policies_dirs = {"base": ctx.layout.base, **policies.candidate_dirs(ctx.layout)}
     values = {}
     for name, path in policies_dirs.items():

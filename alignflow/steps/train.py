@@ -11,7 +11,7 @@ from alignflow import models
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
 from alignflow.train import rl, supervised
-from alignflow.stage import StageContext
+from alignflow.stage import StageContext, read_split
 
 
 def pretrain_base(ctx: StageContext) -> dict:
@@ -23,7 +23,7 @@ def pretrain_base(ctx: StageContext) -> dict:
         return {"source": cfg.path, "parameters": sum(p.numel() for p in model.parameters())}
     tokenizer = models.build_tokenizer()
     model = models.build_tiny_model(tokenizer, cfg.model).to(models.resolve_device(ctx.cfg.device))
-    corpus = pd.read_parquet(ctx.layout.curated / "corpus.parquet")["prompt"].tolist()
+    corpus = read_split(ctx.layout.curated, "corpus")["prompt"].tolist()
     stream = supervised.pack_corpus(tokenizer, corpus)
     generator = torch.Generator().manual_seed(ctx.cfg.seed)
     result = supervised.train_lm(
@@ -40,7 +40,7 @@ def supervised_finetune(ctx: StageContext) -> dict:
     """SFT on the demonstrations (chat template, loss on response tokens), stopping in the configured band."""
     cfg = ctx.cfg.sft
     model, tokenizer = models.load(ctx.layout.base, ctx.cfg.device)
-    demos = pd.read_parquet(ctx.layout.curated / "sft.parquet")
+    demos = read_split(ctx.layout.curated, "sft")
     n_val = min(200, len(demos) // 5)  # the last rows validate; eval/ood stay untouched for `evaluate`
     train, val = demos.iloc[:-n_val], demos.iloc[-n_val:]
     examples = supervised.sft_examples(tokenizer, train["prompt"].tolist(), train["response"].tolist())
@@ -77,7 +77,7 @@ def build_teacher(ctx: StageContext) -> dict:
         models.save(model, tokenizer, out)
         return {"built": True, "source": cfg.path}
     model, tokenizer = models.load(ctx.layout.base, ctx.cfg.device)
-    demos = pd.read_parquet(ctx.layout.curated / "sft.parquet")
+    demos = read_split(ctx.layout.curated, "sft")
     examples = supervised.sft_examples(tokenizer, demos["prompt"].tolist(), demos["response"].tolist())
     generator = torch.Generator().manual_seed(ctx.cfg.seed + 1)
     result = supervised.train_lm(
@@ -95,13 +95,13 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
     done = ckpt / "done"
     if not done.exists():
         model, tokenizer = models.load(ctx.layout.sft, ctx.cfg.device)
-        prompts = pd.read_parquet(ctx.layout.curated / "rl.parquet")
+        prompts = read_split(ctx.layout.curated, "rl")
         needs = rl.required_inputs(cand)
         frozen = lambda path: models.load(path, ctx.cfg.device)[0].eval()  # noqa: E731
         extra = rl.ExtraModels(ref=frozen(ctx.layout.sft) if "ref" in needs else None,
                                base=frozen(ctx.layout.base) if "base" in needs else None,
                                teacher=frozen(ctx.layout.teacher) if "teacher" in needs else None)
-        demos = pd.read_parquet(ctx.layout.curated / "sft.parquet")
+        demos = read_split(ctx.layout.curated, "sft")
         rl.train_candidate(
             model, tokenizer, cand, seed, ctx.cfg.rl, prompts["prompt"].tolist(), prompts["answer"].astype(str).tolist(),
             ckpt, on_log=lambda step, m: ctx.log_step(step, m, run=f"{cand.name}-s{seed}"), extra_models=extra,

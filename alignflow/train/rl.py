@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from alignflow import checkpoint
+from alignflow import checkpoint, faults
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES, ROLLOUTS, RewardHistory, RolloutBatch
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
@@ -185,8 +185,10 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cand.lr, weight_decay=0.0)
+    warmup = max(1, cand.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     history = RewardHistory() if "history" in inputs else None
-    state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer)
+    state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
     start = state["step"] if state else 0
     if state:
         data_gen.set_state(state["extra"]["data_generator"])
@@ -231,6 +233,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                 continue
             nonfinite_in_row = 0
             optimizer.step()
+        scheduler.step()
         # ---- weight sync (verified), logging, checkpoints
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
         metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
@@ -238,14 +241,15 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                        tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
                        **loss_metrics)
         on_log(step + 1, metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}")
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", refresh=False)
         if step + 1 in cand.checkpoints:
             save(model, tokenizer, ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{step + 1}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:
             extra_state = {"data_generator": data_gen.get_state()}
             if history is not None:
                 extra_state["reward_history"] = history.state_dict()
-            checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, extra=extra_state)
+            checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, scheduler, extra=extra_state)
+        faults.maybe_kill("rl", step + 1)
     bar.close()
     snapshots = [ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
     return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=skipped)
