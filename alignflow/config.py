@@ -130,7 +130,8 @@ class RLConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
-    engine: Literal["transformers", "vllm"] = "transformers"
+    engine: Literal["transformers", "static", "vllm"] = Field(
+        "transformers", description="rollout engine; static = own decode loop with CUDA graphs (GPU), vllm = own env")
 
 
 # ---------------------------------------------------------------- logged / ope / evaluate
@@ -171,6 +172,16 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(500, ge=1)
 
 
+class RetrainConfig(Strict):
+    """Scheduled retraining (flows/retrain.py): files dropped in `inbox` join curate.sources."""
+    inbox: str = Field("data/inbox", description="folder watched for new data files (root-relative or absolute); "
+                       "a subfolder named after a split (sft, rl, logged, eval, ood, real) sends its files there")
+    split: Literal["sft", "rl", "logged", "eval", "ood", "real"] = Field(
+        "sft", description="split of files placed directly in the inbox")
+    settle_seconds: float = Field(60, ge=0, description="skip files modified more recently than this (still being written)")
+    commit: bool = Field(True, description="git-commit the ingested files and the new sources (workers check out commits)")
+
+
 # ---------------------------------------------------------------- pipeline
 class PipelineConfig(Strict):
     seed: int = 0
@@ -186,6 +197,7 @@ class PipelineConfig(Strict):
     logged: LoggedConfig = Field(default_factory=LoggedConfig)
     ope: OPEConfig = Field(default_factory=OPEConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):

