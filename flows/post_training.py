@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import yaml
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
@@ -44,12 +45,27 @@ def check_request(root: Path, pipeline: str, overrides: list[str]) -> None:
         apply_overrides(root, pipeline, overrides, dry_run=True)
 
 
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def apply_overrides(root: Path, pipeline: str, overrides: list[str], dry_run: bool = False) -> None:
     """Validate `pipelines.<pipeline>.<key>=value` overrides on a copy, then let DVC write them."""
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    full = [f"pipelines.{pipeline}.{o}" for o in overrides]
+    raw = yaml.safe_load((root / "pipelines.yaml").read_text())
+    full = []
+    for item in overrides:
+        key = f"pipelines.{pipeline}.{item.partition('=')[0]}"
+        # a key left at its default is absent from the file: hydra adds it with "+" (the schema check below
+        # still rejects keys the config model does not know)
+        full.append(("" if _has_key(raw, key) else "+") + f"pipelines.{pipeline}.{item}")
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "pipelines.yaml"
         shutil.copy(root / "pipelines.yaml", trial)

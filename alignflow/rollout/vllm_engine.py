@@ -44,8 +44,8 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)   # vLLM 0.
 PROBE_TEXT = "<|user|>12+34=?<|assistant|>2+4=6;1+3=4;A:46<|end|>"     # the same probe as TransformersEngine
 
 
-class VLLMUnavailable(RuntimeError):
-    """The vLLM environment is missing or the worker could not start/answer."""
+class VLLMError(RuntimeError):
+    """The vLLM environment is missing, or its worker failed to start, to answer or to serve a request."""
 
 
 def vllm_venv() -> Path:
@@ -56,7 +56,7 @@ def vllm_venv() -> Path:
 def vllm_python() -> Path:
     venv = vllm_venv()
     if not (venv / STAMP).exists() or not (venv / "bin" / "python").exists():
-        raise VLLMUnavailable(f"no vLLM environment at {venv}: build it once with `alignflow vllm-env` "
+        raise VLLMError(f"no vLLM environment at {venv}: build it once with `alignflow vllm-env` "
                               f"(scripts/vllm_env.sh, a few minutes, ~3.4 GB)")
     return venv / "bin" / "python"
 
@@ -96,18 +96,18 @@ class _Worker:
         try:
             line = self._replies.get(timeout=timeout)
         except queue.Empty:
-            raise VLLMUnavailable(f"vLLM worker did not answer within {timeout:.0f} s; its log:\n{self.log_tail()}")
+            raise VLLMError(f"vLLM worker did not answer within {timeout:.0f} s; its log:\n{self.log_tail()}")
         if line is None:
-            raise VLLMUnavailable(f"vLLM worker exited (code {self.proc.wait()}); its log ({self.log_path}):\n"
+            raise VLLMError(f"vLLM worker exited (code {self.proc.wait()}); its log ({self.log_path}):\n"
                                   f"{self.log_tail()}")
         msg = json.loads(line)
         if not msg.get("ok"):
-            raise VLLMUnavailable(f"vLLM worker failed:\n{msg.get('error')}")
+            raise VLLMError(f"vLLM worker failed:\n{msg.get('error')}")
         return msg
 
     def request(self, cmd: str, timeout: float = 600.0, **payload) -> dict:
         if self.proc.poll() is not None:
-            raise VLLMUnavailable(f"vLLM worker is not running (code {self.proc.returncode}):\n{self.log_tail()}")
+            raise VLLMError(f"vLLM worker is not running (code {self.proc.returncode}):\n{self.log_tail()}")
         self.proc.stdin.write(json.dumps({"cmd": cmd, **payload}) + "\n")
         self.proc.stdin.flush()
         return self.reply(timeout)
@@ -148,6 +148,7 @@ class VLLMEngine:
             raise ValueError(f"vLLM's CPU attention supports head sizes {CPU_HEAD_SIZES}; this model has "
                              f"{head_dim} (hidden_size {config.hidden_size} / {config.num_attention_heads} heads): "
                              f"use rl.engine: transformers, or a model shape with a supported head size")
+        python = vllm_python()                           # fails early (no temp files) when the env is missing
         dtype = next(model.parameters()).dtype
         self.tokenizer, self.device = tokenizer, next(model.parameters()).device
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
@@ -164,7 +165,7 @@ class VLLMEngine:
         seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
         cfg = dict(model=str(first), dtype=str(dtype).removeprefix("torch."), max_model_len=self.max_model_len,
                    seed=seed, gpu_memory_utilization=gpu_memory_utilization)
-        self._worker = _Worker(vllm_python(), cfg, self._tmp / "worker.log")
+        self._worker = _Worker(python, cfg, self._tmp / "worker.log")
         self._finalizer = weakref.finalize(self, _shutdown, self._worker, self._tmp)   # also at interpreter exit
         try:
             ready = self._worker.reply(startup_timeout)
