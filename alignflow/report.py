@@ -103,7 +103,7 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
         "<h2>Policies (true values)</h2>", _table(policies),
         "<h2>Learning curves</h2>", *_curves(layout),
         "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
-        "<h2>Selection quality</h2>", _sharpe(layout, selection), _table(sel_rows),
+        "<h2>Selection quality: SharpeRatio@k per estimator</h2>", _sharpe(layout, selection), _table(sel_rows),
         "<h2>VSDR ranking</h2>", _table(vsdr_rows),
         _table([{"candidate": n, "vsdr_score": s} for n, s in sorted(scores.items(), key=lambda kv: -kv[1])]),
     ]

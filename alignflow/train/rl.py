@@ -251,6 +251,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, scheduler, extra=extra_state)
         faults.maybe_kill("rl", step + 1)
     bar.close()
+    getattr(engine, "close", lambda: None)()  # an engine in its own process (vllm) stops here
     snapshots = [ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
     return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=skipped)
 
