@@ -56,6 +56,7 @@ class TransformersEngine:
     """transformers `generate` on the trainer's own model object (so a sync is a no-op, but still verified)."""
 
     name = "transformers"
+    shares_trainer_weights = True  # samples from the trainer's own model object: its log-probs are the trainer's
 
     def __init__(self, model, tokenizer, probe_text: str = "<|user|>12+34=?<|assistant|>2+4=6;1+3=4;A:46<|end|>",
                  tolerance: float = 1e-4):

@@ -131,12 +131,16 @@ def _step_ids(batch: RolloutBatch, is_separator: torch.Tensor) -> torch.Tensor:
 
 
 def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: ExtraModels, tokenizer, cfg: RLConfig,
-                 solution_of: dict, history: RewardHistory | None, is_separator) -> None:
+                 solution_of: dict, history: RewardHistory | None, is_separator, engine_is_trainer: bool = False) -> None:
     T, ids, attention = batch.completion_len, batch.input_ids, batch.attention_mask
     with torch.no_grad():
-        # the trainer's log-probs of the policy that sampled (pi_old), and its entropies if needed
-        scored = token_logprobs(model, ids, attention, T, cfg.temperature, return_entropy="entropy" in inputs)
-        batch.old_logprobs, batch.entropy = scored if "entropy" in inputs else (scored, None)
+        # the trainer's log-probs of the policy that sampled (pi_old), and its entropies if needed; an engine that
+        # samples from the trainer's own model object already returned them (equal to ~1e-6), saving a forward pass
+        if engine_is_trainer and "entropy" not in inputs and batch.is_expert is None:
+            batch.old_logprobs, batch.entropy = batch.rollout_logprobs, None
+        else:
+            scored = token_logprobs(model, ids, attention, T, cfg.temperature, return_entropy="entropy" in inputs)
+            batch.old_logprobs, batch.entropy = scored if "entropy" in inputs else (scored, None)
         if batch.is_expert is not None:  # demonstrations were not sampled by the engine: nothing to correct
             batch.rollout_logprobs = torch.where(batch.is_expert[:, None], batch.old_logprobs, batch.rollout_logprobs)
         for need in ("ref", "base", "teacher"):
@@ -213,7 +217,8 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             batch = concat_batches([batch, rows], tokenizer.pad_token_id)
         batch.step, batch.total_steps = step, cand.steps
         # ---- the extra inputs the method needs, then its advantage
-        _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator)
+        _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator,
+                     engine_is_trainer=getattr(engine, "shares_trainer_weights", False))
         T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
