@@ -7,6 +7,7 @@ import json
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ class StageContext:
     def root(self) -> Path:
         return self.layout.root
 
-    @property
+    @cached_property
     def ckpt(self) -> Path:
         """Resume state, keyed by the stage's config and its inputs' dvc.lock hashes: a checkpoint left by a
         run with other settings or other inputs is never resumed."""

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from alignflow import models  # noqa: E402
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES  # noqa: E402
-from alignflow.config import CandidateConfig, RLConfig, TinyModelConfig  # noqa: E402
+from alignflow.config import RLConfig, TinyModelConfig  # noqa: E402
 from alignflow.data.task import generate  # noqa: E402
 from alignflow.rewards import accuracy_reward  # noqa: E402
 from alignflow.train import rl  # noqa: E402
@@ -50,8 +50,7 @@ def task_rows(n: int = 512):
 
 def bench_alignflow(model, tok, steps: int) -> tuple[float, dict]:
     """The real loop's pieces, timed per phase (the same calls train_candidate makes)."""
-    from alignflow.models import chat_prompt
-    from alignflow.rollout import Sampling, make_engine, token_logprobs
+    from alignflow.rollout import make_engine, token_logprobs
     prompts, answers = task_rows()
     cfg = RLConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS)
     algo = ALGORITHMS["grpo"]

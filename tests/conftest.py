@@ -61,3 +61,12 @@ def smoke_project(tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("smoke"))
     alignflow(root, "run", "--pipeline", "smoke")
     return root
+
+
+def stage_runs(client, pipeline: str):
+    """The pipeline's parent MLflow run and its nested stage runs (asserting there is exactly one parent)."""
+    runs = client.search_runs([client.get_experiment_by_name(f"alignflow-{pipeline}").experiment_id])
+    parents = [r for r in runs if r.info.run_name == f"post_training-{pipeline}"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children

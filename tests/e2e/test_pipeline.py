@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import BIN, alignflow, project_env
+from tests.conftest import BIN, alignflow, project_env, stage_runs
 
 from flows import STAGES
 
@@ -71,11 +71,7 @@ def mlflow_client(root):
 
 def test_mlflow_parent_with_nested_stage_runs_and_lineage(smoke_project):
     client = mlflow_client(smoke_project)
-    exp = client.get_experiment_by_name("alignflow-smoke")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "post_training-smoke"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    _, children = stage_runs(client, "smoke")
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     sft = next(r for r in children if r.info.run_name == "sft")
     assert len(sft.data.tags["git_commit"]) == 40

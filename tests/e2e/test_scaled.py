@@ -21,7 +21,7 @@ import yaml
 from alignflow import infra
 from flows import STAGES
 from flows.deploy import STAGE_POOLS
-from tests.conftest import BIN, REPO, make_project, project_env
+from tests.conftest import BIN, REPO, make_project, project_env, stage_runs
 
 POSTGRES = os.environ.get("ALIGNFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 GPU_STAGES = [s for s in STAGES if STAGE_POOLS.get(s) == "gpu"]
@@ -259,11 +259,7 @@ def test_mlflow_server_holds_the_runs_and_the_champion(stack, pipeline_run, tmp_
     import mlflow
     uri = stack["mlflow_url"]  # explicit everywhere: never this process's global tracking/registry URI
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("alignflow-smoke")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "post_training-smoke"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    _, children = stage_runs(client, "smoke")
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
     sft = next(r for r in children if r.info.run_name == "sft")
