@@ -17,22 +17,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GRID = [  # name, algorithm, lr, warmup steps, temperature, prompts_per_step, hparams
-    ("grpo-lr1e-4", "grpo", 1e-4, 0, 1.0, 16, {}),
-    ("grpo-lr1e-4-warm50", "grpo", 1e-4, 50, 1.0, 16, {}),
-    ("grpo-lr3e-5", "grpo", 3e-5, 0, 1.0, 16, {}),
-    ("grpo-lr3e-5-warm50", "grpo", 3e-5, 50, 1.0, 16, {}),
-    ("grpo-lr5e-5-warm50-t0.7", "grpo", 5e-5, 50, 0.7, 16, {}),
-    ("grpo-lr5e-5-warm50-p32", "grpo", 5e-5, 50, 1.0, 32, {}),
-    ("grpo-lr1e-5", "grpo", 1e-5, 0, 1.0, 16, {}),
-    ("grpo-lr5e-5-warm50-kl", "grpo", 5e-5, 50, 1.0, 16, {"beta": 0.04}),
-    ("dr_grpo-lr3e-5-warm50", "dr_grpo", 3e-5, 50, 1.0, 16, {}),
-    ("grpo-lr3e-5-warm50-t0.7-p32", "grpo", 3e-5, 50, 0.7, 32, {}),
+GRID = [  # name, algorithm, lr, warmup steps, temperature, prompts_per_step, ppo_epochs, hparams
+    ("grpo-lr1e-5", "grpo", 1e-5, 0, 1.0, 16, 1, {}),
+    ("grpo-lr2e-5", "grpo", 2e-5, 20, 1.0, 16, 1, {}),
+    ("grpo-lr1e-5-t0.5", "grpo", 1e-5, 0, 0.5, 16, 1, {}),
+    ("grpo-lr2e-5-t0.5", "grpo", 2e-5, 20, 0.5, 16, 1, {}),
+    ("grpo-lr1e-5-t0.5-p8", "grpo", 1e-5, 0, 0.5, 8, 1, {}),
+    ("grpo-lr1e-5-ep4", "grpo", 1e-5, 0, 1.0, 16, 4, {}),
+    ("grpo-lr1e-5-t0.5-ep4", "grpo", 1e-5, 0, 0.5, 16, 4, {}),
+    ("dr_grpo-lr1e-5-t0.5", "dr_grpo", 1e-5, 0, 0.5, 16, 1, {}),
+    ("grpo-lr5e-6-t0.5-ep4", "grpo", 5e-6, 0, 0.5, 16, 4, {}),
+    ("grpo-lr2e-5-t0.7-ep2", "grpo", 2e-5, 20, 0.7, 16, 2, {}),
 ]
 
 
 def run_one(args) -> dict:
-    name, algo, lr, warmup, temp, prompts_per_step, hp, pipeline, steps, device, seed = args
+    name, algo, lr, warmup, temp, prompts_per_step, ppo_epochs, hp, pipeline, steps, device, seed = args
     import torch
     from alignflow import models
     from alignflow.config import CandidateConfig, RLConfig
@@ -44,23 +44,25 @@ def run_one(args) -> dict:
     layout = Layout(ROOT, pipeline)
     rl_rows, eval_rows = read_split(layout.curated, "rl"), read_split(layout.curated, "eval")
     model, tok = models.load(layout.sft, device)
-    checkpoints = [steps // 3, 2 * steps // 3, steps]
+    checkpoints = [steps // 4, steps // 2, 3 * steps // 4, steps]
     cand = CandidateConfig(name="s", algorithm=algo, seeds=[seed], steps=steps, checkpoints=checkpoints, lr=lr,
                            warmup_steps=warmup, hparams=hp)
     extra = rl.ExtraModels(ref=models.load(layout.sft, device)[0].eval()) if hp.get("beta") else None
     rewards, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rl.train_candidate(model, tok, cand, seed, RLConfig(prompts_per_step=prompts_per_step, temperature=temp),
+        rl.train_candidate(model, tok, cand, seed, RLConfig(prompts_per_step=prompts_per_step, temperature=temp,
+                                                            ppo_epochs=ppo_epochs),
                            rl_rows["prompt"].tolist(), rl_rows["answer"].astype(str).tolist(), Path(tmp),
                            on_log=lambda s, m: rewards.append(m["reward"]), extra_models=extra)
         greedy = {}
         for c in checkpoints:
             snap, _ = models.load(Path(tmp) / "snapshots" / f"s-s{seed}-{c}", device)
             greedy[c] = score(snap, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist())["accuracy"]
-    third = max(1, steps // 3)
-    return {"name": name, "algorithm": algo, "lr": lr, "warmup_steps": warmup, "temperature": temp, "prompts_per_step": prompts_per_step,
-            "hparams": hp, "seed": seed, "greedy_eval_accuracy": greedy,
-            "mean_reward_by_third": [round(sum(rewards[i:i + third]) / third, 3) for i in range(0, steps, third)],
+    quarter = max(1, steps // 4)
+    return {"name": name, "algorithm": algo, "lr": lr, "warmup_steps": warmup, "temperature": temp,
+            "prompts_per_step": prompts_per_step, "ppo_epochs": ppo_epochs, "hparams": hp, "seed": seed,
+            "greedy_eval_accuracy": greedy,
+            "mean_reward_by_quarter": [round(sum(rewards[i:i + quarter]) / quarter, 3) for i in range(0, steps, quarter)],
             "seconds": round(time.time() - started, 1)}
 
 
@@ -90,7 +92,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"SFT greedy {sft_greedy:.3f}")
     for r in sorted(results, key=lambda r: -max(r["greedy_eval_accuracy"].values())):
-        print(f"{r['name']:24s} s{r['seed']} greedy {r['greedy_eval_accuracy']} reward {r['mean_reward_by_third']}")
+        print(f"{r['name']:24s} s{r['seed']} greedy {r['greedy_eval_accuracy']} reward {r['mean_reward_by_quarter']}")
     return 0
 
 

@@ -234,7 +234,8 @@ def clipped_ratio(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp
     truncated importance sampling (cap C) against the rollout engine's log-probs."""
     ratio = torch.exp(logp - batch.old_logprobs)
     loss, clipped = clip_surrogate(ratio, adv, 1 - hp["clip_eps"], 1 + hp.get("clip_eps_high", hp["clip_eps"]))
-    metrics = {"clip_frac": clipped.float().mean().item()}
+    mask = batch.completion_mask.bool()
+    metrics = {"clip_frac": clipped[mask].float().mean().item()}  # over generated tokens, not the padding
     return add_kl_penalty(loss * tis_weight(batch, hp), logp, batch, hp, metrics), metrics
 
 

@@ -4,11 +4,12 @@
     response "7+5=12;4+8+1=13;A:132"
 
 Splits (disjoint operand pairs): sft demonstrations, rl prompts, logged prompts, eval (training
-distribution), ood (the same sums behind a phrasing no demonstration uses, "what is 47+85=?": a shift
-the training data leaves learnable; longer operands are not, RECIPES §9 — a 2-digit-trained model writes
-two column steps whatever it is asked), real (the same sums phrased as people write them, "47 plus 85=?",
-"what is 47 plus 85", "47 + 85 =?": unlabelled, the answers kept apart for measuring true values only),
-and the raw pre-training corpus, which phrases sums both ways so the base model has seen those words.
+distribution), ood (harder sums: both operands in 50..99, so every sum carries into a new digit, a tail that
+is a quarter of the training distribution's two-digit sums; a phrasing shift such as "what is 47+85=?" or longer
+operands leaves a model this small at ~0-3% at every stage, which measures nothing, RECIPES §9), real (the same
+sums phrased as people write them, "47 plus 85=?", "what is 47 plus 85", "47 + 85 =?": unlabelled, the
+answers kept apart for measuring true values only), and the raw pre-training corpus, which phrases sums both
+ways so the base model has seen those words.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}=?"
 
 
-OOD_PHRASING = "what is {a}+{b}=?"
+OOD_RANGE = (50, 99)   # both operands of an ood sum
 REAL_PHRASINGS = ("{a} plus {b}=?", "what is {a} plus {b}", "{a} + {b} =?")
 
 
@@ -49,14 +50,15 @@ def extract_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
-
-
 def _pair(rng: random.Random, max_digits: int, long_digits: int, long_share: float) -> tuple[int, int]:
+    """Operands uniform below 10**max_digits (or both exactly `long_digits` long, with prob. long_share).
+    Uniform, not "choose a length, then a number": that would make a quarter of the sums 1-digit + 1-digit,
+    a space of only 100 pairs that the held-out splits, drawn first, would use up, leaving the training
+    splits none of them."""
     if rng.random() < long_share:
-        return _operand(rng, long_digits), _operand(rng, long_digits)
-    return _operand(rng, rng.randint(1, max_digits)), _operand(rng, rng.randint(1, max_digits))
+        low = 10 ** (long_digits - 1)
+        return rng.randint(low, 10 * low - 1), rng.randint(low, 10 * low - 1)
+    return rng.randint(0, 10**max_digits - 1), rng.randint(0, 10**max_digits - 1)
 
 
 def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int = 500, n_eval: int = 500,
@@ -66,18 +68,18 @@ def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int =
     rng = random.Random(seed)
     used: set[tuple[int, int]] = set()
 
-    def draw(n: int, digits: int, long_share_: float) -> list[tuple[int, int]]:
+    def draw(n: int, digits: int, long_share_: float, pair_of=None) -> list[tuple[int, int]]:
         pairs: list[tuple[int, int]] = []
         for _ in range(n * 50):
             if len(pairs) == n:
                 break
-            pair = _pair(rng, digits, long_digits, long_share_)
+            pair = pair_of() if pair_of else _pair(rng, digits, long_digits, long_share_)
             if pair not in used:
                 used.add(pair)
                 pairs.append(pair)
         return pairs  # fewer than n only when the distribution runs out of unique pairs
 
-    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, max_digits, long_share),
+    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, 0, 0.0, lambda: (rng.randint(*OOD_RANGE), rng.randint(*OOD_RANGE))),
                 "real": draw(n_real, max_digits, long_share), "logged": draw(n_logged, max_digits, long_share)}
     train = {"sft": draw(n_sft, max_digits, long_share), "rl": draw(n_rl, max_digits, long_share)}
 
@@ -88,7 +90,7 @@ def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int =
 
     splits = {"sft": labelled(train["sft"], True), "rl": labelled(train["rl"], False),
               "logged": labelled(held_out["logged"], False), "eval": labelled(held_out["eval"], False),
-              "ood": labelled(held_out["ood"], False, lambda a, b: OOD_PHRASING.format(a=a, b=b)),
+              "ood": labelled(held_out["ood"], False),
               "real": labelled(held_out["real"], False, lambda a, b: real_prompt_of(a, b, rng))}
     # Pre-training text: bare sums in both phrasings over pairs outside every held-out split.
     held_out_pairs = {pair for pairs in held_out.values() for pair in pairs}

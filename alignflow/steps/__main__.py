@@ -4,6 +4,7 @@
     python -m alignflow.steps sft --pipeline gpu
     python -m alignflow.steps rl --pipeline gpu
     python -m alignflow.steps scores --pipeline gpu     # true values of base, SFT and every candidate
+    torchrun --nproc_per_node 2 -m alignflow.steps rl --pipeline gpu   # the RL stage on 2 GPUs (DDP)
 
 Same steps as the Prefect flows (alignflow/steps/*); tracking goes to .alignflow/tracking/*.jsonl when
 mlflow is missing, and `alignflow import-tracking` loads it into MLflow later. The curated splits come
@@ -19,6 +20,7 @@ import time
 from alignflow.layout import write_json
 from alignflow.stage import open_stage, read_split, tracked, write_metrics
 from alignflow.steps import policies, train
+from alignflow.train import distributed
 
 
 def _rl(ctx) -> dict:
@@ -56,17 +58,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default="tiny")
     args = parser.parse_args(argv)
     inputs, fn, curve = STEPS[args.stage]
-    ctx = open_stage(args.stage if args.stage != "scores" else "evaluate", args.pipeline, inputs=inputs)
+    with distributed.process_group():
+        if distributed.world_size() > 1 and args.stage != "rl":
+            raise SystemExit(f"only the rl step runs on several ranks; run {args.stage!r} without torchrun")
+        ctx = open_stage(args.stage if args.stage != "scores" else "evaluate", args.pipeline, inputs=inputs)
+        if not distributed.is_main():  # the other ranks train; rank 0 tracks and writes
+            fn(ctx)
+            return 0
+        return _run_tracked(ctx, args.stage, fn, curve)
+
+
+def _run_tracked(ctx, stage: str, fn, curve: str | None) -> int:
     started = time.time()
     stage_cfg = getattr(ctx.cfg, ctx.name)
     with tracked(ctx, stage_cfg.model_dump()):
         metrics = fn(ctx)
         metrics["seconds"] = round(time.time() - started, 1)
-        if args.stage == "scores":
+        if distributed.world_size() > 1:
+            metrics["world_size"] = distributed.world_size()
+        if stage == "scores":
             write_json(ctx.layout.metrics / "device_scores.json", metrics)
         else:
             write_metrics(ctx, metrics, curve_name=curve)
-    if args.stage in ("base", "sft", "rl"):
+    if stage in ("base", "sft", "rl"):
         train.clear_checkpoints(ctx)
     print(json.dumps({k: v for k, v in metrics.items() if k != "policies"}))
     return 0

@@ -10,7 +10,7 @@ import torch
 from alignflow import models
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
-from alignflow.train import rl, supervised
+from alignflow.train import distributed, rl, supervised
 from alignflow.stage import StageContext, read_split
 
 
@@ -108,9 +108,12 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
             solutions=[worked_solution(p, r) for p, r in zip(prompts["prompt"], prompts["response"])]
             if needs & {"solutions", "privileged"} else None,
             expert=list(zip(demos["prompt"], demos["response"])) if "expert" in needs else None)
-        done.write_text("ok")
+        if distributed.is_main():
+            done.write_text("ok")
     snapshots = [ckpt / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
-    rl.publish(snapshots, ctx.layout.rl)
+    if distributed.is_main():
+        rl.publish(snapshots, ctx.layout.rl)
+    distributed.barrier()  # every rank sees `done` before the next candidate
     return [s.name for s in snapshots]
 
 

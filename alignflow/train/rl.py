@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignflow import checkpoint, faults
+from alignflow.train import distributed
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES, ROLLOUTS, RewardHistory, RolloutBatch
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
@@ -71,6 +72,17 @@ def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn
                    "completion_len": float(completions.completion_mask.sum(-1).float().mean())}
 
 
+class _Scorer(torch.nn.Module):
+    """The policy's token log-probs as a module's forward, so DDP (under torchrun) can hook the backward."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, completion_len: int, temperature: float):
+        return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature)
+
+
 class _PromptStream:
     """The run's prompts as rollout hooks see them (alignflow.algorithms.RolloutSource): seeded draws, rollouts."""
 
@@ -81,7 +93,8 @@ class _PromptStream:
         self.reward_errors = 0
 
     def draw(self, n: int) -> list[int]:
-        return torch.randint(len(self._prompts), (n,), generator=self._generator).tolist()
+        """n prompts of the global batch; under torchrun each rank gets its n / world_size share of them."""
+        return distributed.shard(torch.randint(len(self._prompts), (n,), generator=self._generator).tolist())
 
     def prompt(self, index: int) -> str:
         return self._prompts[index]
@@ -186,6 +199,9 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     if extra.ref is None:
         extra.ref = ref_model
     _check_inputs(algo.name, inputs, extra, prompts, solutions, expert)
+    if cfg.prompts_per_step % distributed.world_size():
+        raise ValueError(f"rl.prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of ranks "
+                         f"({distributed.world_size()})")
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cand.lr, weight_decay=0.0)
@@ -195,15 +211,19 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
     start = state["step"] if state else 0
     if state:
-        data_gen.set_state(state["extra"]["data_generator"])
+        data_gen.set_state(state["extra"]["data_generator"])  # shared by all ranks: they split each step's draw
         if history is not None:
             history.load_state_dict(state["extra"]["reward_history"])
+    if distributed.rank():  # every rank samples its own completions (rank 0 keeps the single-process stream)
+        torch.manual_seed(seed + 7919 * distributed.rank() + start)
+    scorer = distributed.wrap(_Scorer(model))
     engine = make_engine(cfg.engine, model, tokenizer)
     source = _PromptStream(engine, tokenizer, cfg, reward_fn, prompts, answers, solutions, data_gen)
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
     mask_dtype, nonfinite_in_row, skipped = torch.float32, 0, 0
-    bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2)
+    bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
+               disable=not distributed.is_main())
     for step in bar:
         # ---- rollout (the preset's hook) and reward
         source.reward_errors = 0
@@ -223,7 +243,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
         for _ in range(cfg.ppo_epochs):
-            logp = token_logprobs(model, batch.input_ids, batch.attention_mask, T, cfg.temperature)
+            logp = scorer(batch.input_ids, batch.attention_mask, T, cfg.temperature)
             token_loss, loss_metrics = POLICY_LOSSES[algo.policy_loss](logp, batch, adv, hp)
             loss = LOSS_AGGS[algo.loss_agg](token_loss, mask, hp)
             optimizer.zero_grad(set_to_none=True)
@@ -243,10 +263,15 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
         metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
                        sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
+                       rank_max_abs_diff=distributed.check_in_sync(engine.probe_logprobs),
                        tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
                        **loss_metrics)
-        on_log(step + 1, metrics)
+        metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", refresh=False)
+        if not distributed.is_main():  # rank 0 logs and writes for all; the others only train
+            faults.maybe_kill("rl", step + 1)
+            continue
+        on_log(step + 1, metrics)
         if step + 1 in cand.checkpoints:
             save(model, tokenizer, ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{step + 1}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:
@@ -256,6 +281,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, scheduler, extra=extra_state)
         faults.maybe_kill("rl", step + 1)
     bar.close()
+    distributed.barrier()  # the last snapshot is written before any rank returns
     getattr(engine, "close", lambda: None)()  # an engine in its own process (vllm) stops here
     snapshots = [ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
     return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=skipped)

@@ -1,0 +1,99 @@
+"""Data parallelism across the GPUs (or CPU processes) of one host, through torchrun and PyTorch DDP.
+
+    torchrun --nproc_per_node 2 -m alignflow.steps rl --pipeline gpu
+
+is how a GPU work pool's job launches the RL stage on N GPUs (infra/k8s-job-template.yaml). Every rank holds
+the whole policy and its own in-process rollout engine; a step's prompts are drawn from one seeded stream
+that all ranks share and split between them, so N ranks see the same global batch a single process would.
+DDP averages the gradients, so every rank applies the same update and the weights stay identical; the loop
+verifies that with a probe after every step (`check_in_sync`). Rank 0 alone logs, checkpoints and publishes.
+Without torchrun's environment (WORLD_SIZE unset) everything here is a no-op and the loop runs as one process.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+class RanksOutOfSyncError(RuntimeError):
+    pass
+
+
+def init_from_env() -> None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) once; pin this rank to its GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # "cuda" now means this rank's GPU
+        dist.init_process_group("nccl", device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    else:
+        dist.init_process_group("gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(items: list) -> list:
+    """This rank's share of a list every rank holds in the same order (rank r takes items r, r+N, ...)."""
+    return items[rank()::world_size()]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(value: float, device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world_size()
+
+
+def wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP around `module` when running under torchrun (broadcasts rank 0's weights, then all-reduces grads)."""
+    if not dist.is_initialized():
+        return module
+    device = next(module.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def check_in_sync(probe_logprobs, tolerance: float = 1e-4) -> float:
+    """Max |difference| between ranks of the log-probs `probe_logprobs()` returns (a fixed probe sequence scored
+    by this rank's weights) and rank 0's; raises if over `tolerance`."""
+    if not dist.is_initialized():
+        return 0.0
+    probe_logprobs = probe_logprobs()
+    reference = probe_logprobs.detach().clone()
+    dist.broadcast(reference, src=0)
+    diff = torch.tensor([(probe_logprobs - reference).abs().max().item()], device=probe_logprobs.device)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if not diff.item() <= tolerance:
+        raise RanksOutOfSyncError(f"rank weights diverged: probe log-probs differ by {diff.item():.2e} across ranks "
+                                  f"(tolerance {tolerance:.0e})")
+    return diff.item()
+
+
+@contextmanager
+def process_group():
+    """For a command's main(): join the group if launched by torchrun, leave it cleanly at the end."""
+    init_from_env()
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

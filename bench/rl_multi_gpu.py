@@ -1,0 +1,80 @@
+"""The RL stage on 1 GPU and on N GPUs of the same host (torchrun + DDP), in one run: throughput and learning.
+
+    python bench/rl_multi_gpu.py --pipeline gpu --gpus 1 2 --out bench/results/rl_multi_gpu.json
+
+Needs the pipeline's curated splits and SFT model (python -m alignflow.steps base|sft --pipeline gpu). Each
+run is the real stage command (`python -m alignflow.steps rl`, under `torchrun --nproc_per_node N` for N > 1)
+on the same config and global batch; throughput counts sampled completions per second of RL training time
+(the stage's own per-step timings, so model loading and evaluation are outside it). Learning: the reward
+curve and the last checkpoint's greedy accuracy on the eval split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_stage(pipeline: str, n_gpus: int) -> dict:
+    import pandas as pd
+    import torch
+
+    from alignflow import models
+    from alignflow.config import load_pipeline
+    from alignflow.evaluation import score
+    from alignflow.layout import Layout
+    from alignflow.stage import read_split
+    layout, cfg = Layout(ROOT, pipeline), load_pipeline(pipeline, ROOT / "pipelines.yaml")
+    shutil.rmtree(layout.rl, ignore_errors=True)
+    launcher = [sys.executable] if n_gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc_per_node", str(n_gpus)]
+    started = time.time()
+    subprocess.run([*launcher, "-m", "alignflow.steps", "rl", "--pipeline", pipeline], cwd=ROOT, check=True)
+    wall = time.time() - started
+    curve = pd.read_csv(layout.metrics / "rl_curve.csv")
+    steps = len(curve)
+    completions = steps * cfg.rl.prompts_per_step * cfg.rl.group_size
+    train_seconds = float(json.loads((layout.metrics / "rl.json").read_text())["seconds"])
+    eval_rows = read_split(layout.curated, "eval")
+    last = sorted(layout.rl.iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1]))[-1]
+    model, tok = models.load(last, cfg.device)
+    greedy = score(model, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist(),
+                   batch_size=cfg.evaluate.batch_size)["accuracy"]
+    del model
+    torch.cuda.empty_cache()
+    quarter = max(1, steps // 4)
+    return {"n_gpus": n_gpus, "steps": steps, "completions": completions, "stage_seconds": train_seconds,
+            "wall_seconds": round(wall, 1), "completions_per_s": round(completions / train_seconds, 1),
+            "reward_by_quarter": [round(float(curve["reward"].iloc[i:i + quarter].mean()), 3)
+                                  for i in range(0, steps, quarter)],
+            "last_checkpoint": last.name, "greedy_eval_accuracy": greedy}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline", default="gpu")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default=str(ROOT / "bench/results/rl_multi_gpu.json"))
+    args = parser.parse_args()
+    import torch
+    runs = [run_stage(args.pipeline, n) for n in args.gpus]
+    single = next(r for r in runs if r["n_gpus"] == 1)
+    widest = max(runs, key=lambda r: r["n_gpus"])
+    out = {"device": torch.cuda.get_device_name(0), "n_gpus": widest["n_gpus"],
+           "speedup_vs_1gpu": round(widest["completions_per_s"] / single["completions_per_s"], 3),
+           "runs": runs, "command": "python bench/rl_multi_gpu.py " + " ".join(sys.argv[1:])}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
