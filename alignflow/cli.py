@@ -48,6 +48,9 @@ def cmd_run(args) -> int:
     return 0
 
 
+MULTI_RANK_STAGES = ("rl",)  # stages whose step runs data-parallel under torchrun (alignflow/train/distributed.py)
+
+
 def cmd_stage(args) -> int:
     import importlib
 
@@ -55,9 +58,23 @@ def cmd_stage(args) -> int:
     if args.name not in STAGES:
         print(f"unknown stage {args.name!r}; stages: {STAGES}", file=sys.stderr)
         return 2
-    flow = getattr(importlib.import_module(f"flows.{args.name}"), args.name)
-    with _no_heartbeat():
-        flow(pipeline=args.pipeline)
+    launcher = os.environ.get("ALIGNFLOW_LAUNCHER")  # e.g. "torchrun --standalone --nproc-per-node=gpu" (a GPU pool)
+    if launcher and "WORLD_SIZE" not in os.environ and args.name in MULTI_RANK_STAGES:
+        import shlex
+        import subprocess
+        return subprocess.call([*shlex.split(launcher), "-m", "alignflow.cli", "stage", args.name,
+                                "--pipeline", args.pipeline])
+    from alignflow.train import distributed
+    with distributed.process_group():
+        if not distributed.is_main():  # the other ranks train alongside rank 0's flow run; rank 0 tracks and writes
+            from alignflow.stage import open_stage
+            from alignflow.steps.__main__ import STEPS
+            inputs, step, _ = STEPS[args.name]
+            step(open_stage(args.name, args.pipeline, inputs=inputs))
+            return 0
+        flow = getattr(importlib.import_module(f"flows.{args.name}"), args.name)
+        with _no_heartbeat():
+            flow(pipeline=args.pipeline)
     return 0
 
 

@@ -3,13 +3,13 @@ Parquet splits; every rejected row goes to quarantine.jsonl with its file, line 
 
     dvc repro curate@tiny     or     alignflow stage curate --pipeline tiny
 """
-from prefect import flow, task
+from prefect import flow
 
 from alignflow.data import curate as core
-from tasks.common import open_stage, publish_summary, tracked, write_metrics
+from tasks.common import open_stage, publish_summary, stage_task, tracked, write_metrics
 
 
-@task
+@stage_task
 def curate_sources(ctx) -> dict:
     return core.curate(ctx.cfg.curate, ctx.layout.curated, ctx.root)  # {counts, unreadable}
 

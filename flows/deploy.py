@@ -31,9 +31,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow
 
 from flows import STAGES
+from tasks.retry import stage_task
 
 JOB_FLOW = "dvc-stage"
 STAGE_POOLS = {"curate": "cpu", "base": "cpu", "sft": "gpu", "teacher": "gpu", "rl": "gpu", "logged": "gpu",
@@ -243,7 +244,7 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
 
 
 # ---------------------------------------------------------------- the parent side
-@task(task_run_name="dispatch-{stage}")
+@stage_task(task_run_name="dispatch-{stage}")
 def dispatch(root: Path, stage: str, pipeline: str) -> list[str]:
     """Run `dvc-stage/<stage>` on its pool's worker and wait; write back what it returns (dvc.lock, metrics)."""
     from prefect.deployments import run_deployment

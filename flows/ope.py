@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import flow, task
+from prefect import flow
 
 from alignflow import models, ope as core, tracking
-from tasks.common import open_stage, publish_summary, tracked, write_metrics
+from tasks.common import open_stage, publish_summary, stage_task, tracked, write_metrics
 from tasks.policies import candidate_dirs, ood_scores, score_logged
 
 CURRENT = "current_champion"
 
 
-@task
+@stage_task
 def current_champion_dir(registered_name: str, into: Path) -> Path | None:
     """The registered champion as a model directory, so it can be estimated on today's logs like the rest."""
     if tracking.current_alias(registered_name, "champion") is None:

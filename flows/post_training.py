@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from alignflow import tracking
@@ -23,6 +23,7 @@ from alignflow.config import ConfigError, load_project
 from alignflow.layout import find_root
 from flows import STAGES
 from flows import deploy as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
+from tasks.retry import stage_task
 
 
 @contextmanager
@@ -79,7 +80,7 @@ def apply_overrides(root: Path, pipeline: str, overrides: list[str], dry_run: bo
         dvc_apply(root / "pipelines.yaml", full)
 
 
-@task
+@stage_task
 def reproduce(root: Path, target: str) -> list[str]:
     """`dvc repro -s <target>`: runs the stage only if its deps, params or outs changed."""
     from dvc.repo import Repo

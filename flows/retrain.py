@@ -32,10 +32,11 @@ if __name__ == "__main__":  # as a script: the CLI's embedded defaults, set befo
     from alignflow.layout import find_root as _find_root
     _embedded_defaults(_find_root())
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from alignflow.config import ConfigError, load_pipeline, load_project
 from alignflow.layout import find_root
+from tasks.retry import stage_task
 
 SPLITS = ("sft", "rl", "logged", "eval", "ood", "real")
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -110,7 +111,7 @@ def _commit(root: Path, paths: list[str], message: str) -> str | None:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
-@task
+@stage_task
 def ingest(root: Path, pipeline: str, settings: RetrainSettings) -> dict:
     """Move settled inbox files into data/raw and register them as curate sources."""
     inbox = Path(settings.inbox) if Path(settings.inbox).is_absolute() else root / settings.inbox

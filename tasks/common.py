@@ -2,16 +2,16 @@
 artifacts Prefect shows for each stage."""
 from __future__ import annotations
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from alignflow import stage, tracking
 from alignflow.stage import StageContext, open_stage, tracked  # noqa: F401  (the flows' imports)
+from tasks.retry import stage_task
 
-write_metrics = task(stage.write_metrics)
+write_metrics = stage_task(stage.write_metrics)
 
 
-@task
+@stage_task
 def publish_summary(ctx: StageContext, run_id: str, headline: str, table: list[dict]) -> None:
     """Prefect UI artifacts with stable keys, so each stage shows its history."""
     key = f"{ctx.name}-{ctx.pipeline}".lower().replace("_", "-")

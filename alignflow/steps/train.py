@@ -76,16 +76,22 @@ def build_teacher(ctx: StageContext) -> dict:
         model, tokenizer = models.load(cfg.path)
         models.save(model, tokenizer, out)
         return {"built": True, "source": cfg.path}
-    model, tokenizer = models.load(ctx.layout.base, ctx.cfg.device)
-    demos = read_split(ctx.layout.curated, "sft")
-    examples = supervised.sft_examples(tokenizer, demos["prompt"].tolist(), demos["response"].tolist())
-    generator = torch.Generator().manual_seed(ctx.cfg.seed + 1)
-    result = supervised.train_lm(
-        model, supervised.sft_batches(examples, cfg.batch_size, tokenizer.pad_token_id, generator), generator,
-        steps=cfg.steps, lr=cfg.lr, ckpt_dir=ctx.ckpt, checkpoint_every=100, on_log=ctx.log_step, desc="teacher",
-        precision=ctx.cfg.precision)
-    models.save(model, tokenizer, out)
+    result = train_teacher(ctx.layout, ctx.cfg, out, ctx.ckpt, ctx.log_step)
     return {"built": True, "source": "sft-to-convergence", "final_loss": result.last_loss}
+
+
+def train_teacher(layout, cfg, out: Path, ckpt_dir: Path, on_log) -> supervised.TrainResult:
+    """SFT from the base model, run to the end (no early stop), saved to `out`."""
+    model, tokenizer = models.load(layout.base, cfg.device)
+    demos = read_split(layout.curated, "sft")
+    examples = supervised.sft_examples(tokenizer, demos["prompt"].tolist(), demos["response"].tolist())
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    result = supervised.train_lm(
+        model, supervised.sft_batches(examples, cfg.teacher.batch_size, tokenizer.pad_token_id, generator), generator,
+        steps=cfg.teacher.steps, lr=cfg.teacher.lr, ckpt_dir=ckpt_dir, checkpoint_every=100, on_log=on_log,
+        desc="teacher", precision=cfg.precision)
+    models.save(model, tokenizer, out)
+    return result
 
 
 def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> list[str]:
@@ -96,18 +102,10 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
     if not done.exists():
         model, tokenizer = models.load(ctx.layout.sft, ctx.cfg.device)
         prompts = read_split(ctx.layout.curated, "rl")
-        needs = rl.required_inputs(cand)
-        frozen = lambda path: models.load(path, ctx.cfg.device)[0].eval()  # noqa: E731
-        extra = rl.ExtraModels(ref=frozen(ctx.layout.sft) if "ref" in needs else None,
-                               base=frozen(ctx.layout.base) if "base" in needs else None,
-                               teacher=frozen(ctx.layout.teacher) if "teacher" in needs else None)
-        demos = read_split(ctx.layout.curated, "sft")
         rl.train_candidate(
             model, tokenizer, cand, seed, ctx.cfg.rl, prompts["prompt"].tolist(), prompts["answer"].astype(str).tolist(),
-            ckpt, on_log=lambda step, m: ctx.log_step(step, m, run=f"{cand.name}-s{seed}"), extra_models=extra,
-            solutions=[worked_solution(p, r) for p, r in zip(prompts["prompt"], prompts["response"])]
-            if needs & {"solutions", "privileged"} else None,
-            expert=list(zip(demos["prompt"], demos["response"])) if "expert" in needs else None)
+            ckpt, on_log=lambda step, m: ctx.log_step(step, m, run=f"{cand.name}-s{seed}"),
+            **candidate_inputs(ctx.layout, ctx.cfg.device, cand, prompts))
         if distributed.is_main():
             done.write_text("ok")
     snapshots = [ckpt / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
@@ -115,6 +113,22 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
         rl.publish(snapshots, ctx.layout.rl)
     distributed.barrier()  # every rank sees `done` before the next candidate
     return [s.name for s in snapshots]
+
+
+def candidate_inputs(layout, device: str, cand, prompts: pd.DataFrame, teacher: Path | None = None) -> dict:
+    """What a method needs beyond the policy (frozen models, worked solutions, demonstrations), as keyword
+    arguments of rl.train_candidate. `teacher`: a model directory other than the teacher stage's output."""
+    needs = rl.required_inputs(cand)
+    frozen = lambda path: models.load(path, device)[0].eval()  # noqa: E731
+    inputs = {"extra_models": rl.ExtraModels(ref=frozen(layout.sft) if "ref" in needs else None,
+                                             base=frozen(layout.base) if "base" in needs else None,
+                                             teacher=frozen(teacher or layout.teacher) if "teacher" in needs else None)}
+    if needs & {"solutions", "privileged"}:
+        inputs["solutions"] = [worked_solution(p, r) for p, r in zip(prompts["prompt"], prompts["response"])]
+    if "expert" in needs:
+        demos = read_split(layout.curated, "sft")
+        inputs["expert"] = list(zip(demos["prompt"], demos["response"]))
+    return inputs
 
 
 def worked_solution(prompt: str, response: str | None) -> str:

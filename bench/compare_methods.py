@@ -1,0 +1,184 @@
+"""Every registered on-policy method from the same SFT model, several seeds: held-out greedy accuracy.
+
+    python bench/compare_methods.py --pipeline tiny --steps 100 --seeds 0 1 2 --workers 2
+
+Each (method, seed) is one run of the one RL loop (alignflow/train/rl.py) with the pipeline's RL settings
+(`rl` in pipelines.yaml: prompts per step, group size, temperature, ...) and the learning rate of its first
+candidate; each method keeps its paper's defaults (docs/algorithms.md). Inputs come from a finished run of the
+pipeline (curated splits, base and SFT models); the distillation teacher (opd, exopd) is trained here the way
+the `teacher` stage does it when the pipeline did not need one. Results: bench/results/methods_<p>.json, the
+table between the `methods` markers of docs/results.md, and docs/img/methods_<p>.png. Partial results are
+kept in the JSON as runs finish, and a rerun skips the runs already there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def teacher_dir(pipeline: str) -> Path:
+    from alignflow.layout import Layout
+    built = Layout(ROOT, pipeline).teacher
+    return built if (built / "config.json").exists() else ROOT / "checkpoints" / pipeline / "compare" / "teacher"
+
+
+def run_one(job: tuple) -> dict:
+    pipeline, method, seed, steps, device = job
+    import torch
+
+    from alignflow import models
+    from alignflow.config import CandidateConfig, load_pipeline
+    from alignflow.evaluation import score
+    from alignflow.layout import Layout
+    from alignflow.stage import read_split
+    from alignflow.steps.train import candidate_inputs
+    from alignflow.train import rl
+    torch.set_num_threads(1)
+    cfg = load_pipeline(pipeline, ROOT / "pipelines.yaml")
+    layout = Layout(ROOT, pipeline)
+    prompts = read_split(layout.curated, "rl")
+    cand = CandidateConfig(name=method, algorithm=method, seeds=[seed], steps=steps, checkpoints=[steps],
+                           lr=cfg.rl.candidates[0].lr, warmup_steps=cfg.rl.candidates[0].warmup_steps)
+    inputs = candidate_inputs(layout, device, cand, prompts, teacher=teacher_dir(pipeline))
+    model, tok = models.load(layout.sft, device)
+    rewards, started = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        rl.train_candidate(model, tok, cand, seed, cfg.rl, prompts["prompt"].tolist(),
+                           prompts["answer"].astype(str).tolist(), Path(tmp),
+                           on_log=lambda s, m: rewards.append(m["reward"]), **inputs)
+    result = {"method": method, "seed": seed, "steps": steps, "seconds": round(time.time() - started, 1),
+              "reward_first_quarter": sum(rewards[: steps // 4]) / max(1, steps // 4),
+              "reward_last_quarter": sum(rewards[-(steps // 4):]) / max(1, steps // 4)}
+    for split in ("eval", "ood"):
+        rows = read_split(layout.curated, split)
+        s = score(model, tok, rows["prompt"].tolist(), rows["answer"].astype(str).tolist())
+        result[f"{split}_accuracy"], result[f"{split}_steps_consistent"] = s["accuracy"], s["steps_consistent"]
+    return result
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval."""
+    from scipy import stats
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def summarise(out: dict) -> list[dict]:
+    rows = []
+    for method in ["sft", *sorted({r["method"] for r in out["runs"]} - {"sft"})]:
+        runs = [r for r in out["runs"] if r["method"] == method]
+        row = {"method": method, "n": len(runs)}
+        for key in ("eval_accuracy", "ood_accuracy", "eval_steps_consistent"):
+            row[key] = mean_ci([r[key] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def write_docs(out: dict, pipeline: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = summarise(out)
+    sft = rows[0]["eval_accuracy"][0]
+    fmt = lambda mc: f"{mc[0]:.3f} ± {mc[1]:.3f}" if mc[1] == mc[1] else f"{mc[0]:.3f}"  # noqa: E731
+    lines = [f"Command: `{out['command']}` ({out['device']}; {out['steps']} RL steps per run from the `{pipeline}` "
+             f"SFT model; mean ± half-width of the 95% t-interval over seeds {out['seeds']}; raw: "
+             f"`bench/results/methods_{pipeline}.json`).", "",
+             "| method | runs | greedy eval | vs SFT | greedy OOD | steps consistent (eval) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['n']} | {fmt(r['eval_accuracy'])} | {r['eval_accuracy'][0] - sft:+.3f} | "
+                     f"{fmt(r['ood_accuracy'])} | {fmt(r['eval_steps_consistent'])} |")
+    doc = ROOT / "docs/results.md"
+    text = doc.read_text()
+    start, end = "<!-- methods:start -->", "<!-- methods:end -->"
+    block = f"{start}\n" + "\n".join(lines) + f"\n\n![methods](img/methods_{pipeline}.png)\n{end}"
+    text = text[:text.index(start)] + block + text[text.index(end) + len(end):] if start in text else \
+        text + "\n## Every method, same start\n\n" + block + "\n"
+    doc.write_text(text)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = [r["method"] for r in rows]
+    for i, (key, label) in enumerate((("eval_accuracy", "greedy eval"), ("ood_accuracy", "greedy OOD"))):
+        ax.bar([x + 0.4 * i for x in range(len(rows))], [r[key][0] for r in rows], width=0.4, label=label,
+               yerr=[0 if r[key][1] != r[key][1] else r[key][1] for r in rows], capsize=2)
+    ax.axhline(sft, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([x + 0.2 for x in range(len(rows))], names, rotation=45, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{out['steps']} RL steps from SFT, {len(out['seeds'])} seeds (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    (ROOT / "docs/img").mkdir(exist_ok=True)
+    fig.savefig(ROOT / f"docs/img/methods_{pipeline}.png", dpi=110)
+
+
+def main() -> int:
+    from alignflow.algorithms import ALGORITHMS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline", default="tiny")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=[name for name, _ in ALGORITHMS.items()])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs table and plot from the JSON")
+    args = parser.parse_args()
+    out_path = Path(args.out or ROOT / f"bench/results/methods_{args.pipeline}.json")
+    if args.report_only:
+        write_docs(json.loads(out_path.read_text()), args.pipeline)
+        return 0
+    import torch
+
+    from alignflow.config import load_pipeline
+    from alignflow.evaluation import score
+    from alignflow.layout import Layout
+    from alignflow.stage import read_split
+    from alignflow.steps.train import train_teacher
+    cfg, layout = load_pipeline(args.pipeline, ROOT / "pipelines.yaml"), Layout(ROOT, args.pipeline)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
+    out.update(steps=args.steps, seeds=args.seeds, device=torch.cuda.get_device_name(0) if args.device == "cuda"
+               else f"{torch.get_num_threads()}-thread CPU", command="python bench/compare_methods.py " + " ".join(sys.argv[1:]))
+    if not any(r["method"] == "sft" for r in out["runs"]):
+        from alignflow import models
+        model, tok = models.load(layout.sft, args.device)
+        sft = {"method": "sft", "seed": 0}
+        for split in ("eval", "ood"):
+            rows = read_split(layout.curated, split)
+            s = score(model, tok, rows["prompt"].tolist(), rows["answer"].astype(str).tolist())
+            sft[f"{split}_accuracy"], sft[f"{split}_steps_consistent"] = s["accuracy"], s["steps_consistent"]
+        out["runs"].append(sft)
+    needs_teacher = any("teacher" in ALGORITHMS[m].inputs() for m in args.methods)
+    if needs_teacher and not (teacher_dir(args.pipeline) / "config.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher(layout, cfg.model_copy(update={"device": args.device}), teacher_dir(args.pipeline),
+                          Path(tmp), on_log=lambda s, m: None)
+    done = {(r["method"], r["seed"]) for r in out["runs"] if r.get("steps") == args.steps}
+    jobs = [(args.pipeline, m, s, args.steps, args.device) for s in args.seeds for m in args.methods
+            if (m, s) not in done]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for result in pool.imap_unordered(run_one, jobs):
+            out["runs"].append(result)
+            out_path.write_text(json.dumps(out, indent=2))
+            print(f"{result['method']:8s} s{result['seed']} eval {result['eval_accuracy']:.3f} "
+                  f"ood {result['ood_accuracy']:.3f} ({result['seconds']:.0f} s)", flush=True)
+    out_path.write_text(json.dumps(out, indent=2))
+    write_docs(out, args.pipeline)
+    for r in summarise(out):
+        print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
