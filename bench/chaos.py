@@ -132,6 +132,9 @@ def main() -> int:
                            "group_stopped": not killed or first["stopped_in_s"] is not None,
                            "resumed_ok": resumed_ok, "identical": identical,
                            "corrupt": corrupt, "resume_seconds": round(second["seconds"], 1)})
+            if not resumed_ok:  # what the resumed run said, for the record
+                lines = (root / "chaos.log").read_text(errors="replace").splitlines()
+                trials[-1]["resume_log_tail"] = [line[-300:] for line in lines if "it/s" not in line][-40:]
             print(json.dumps(trials[-1]), flush=True)
     result = {"runs": len(trials), "kills": sum(t["killed"] for t in trials),
               "resumed_ok": sum(t["resumed_ok"] for t in trials),

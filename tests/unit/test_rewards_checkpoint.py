@@ -35,7 +35,10 @@ def test_splits_are_disjoint_and_seeded():
     train = {r["prompt"] for s in ("sft", "rl") for r in a[s]}
     assert not held & train
     assert all(r["response"] is None for r in a["real"]) and all("+" not in r["prompt"] or " " in r["prompt"] for r in a["real"])
-    assert all(r["prompt"].startswith("what is ") for r in a["ood"])
+    ood = [tuple(map(int, r["prompt"][:-2].split("+"))) for r in a["ood"]]
+    assert ood and all(50 <= x <= 99 and 50 <= y <= 99 for x, y in ood)  # the harder tail: every sum carries
+    operands = [int(x) for r in a["sft"] for x in r["prompt"][:-2].split("+")]
+    assert sum(x < 10 for x in operands) / len(operands) < 0.25  # uniform operands, not a quarter 1-digit sums
 
 
 def test_checkpoint_roundtrip_restores_rng_and_optimizer(tmp_path):
