@@ -100,9 +100,28 @@ class run_lock:
         self.handle.truncate(0)
         self.handle.write(f"pid {os.getpid()}")
         self.handle.flush()
+        recover_dvc_rwlock(self.path.parent.parent)
         return self
 
     def __exit__(self, *exc):
         import fcntl
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
+
+
+def recover_dvc_rwlock(root: Path) -> bool:
+    """DVC rewrites `.dvc/tmp/rwlock` in place (truncate, then write), so a process killed in between leaves
+    it empty or cut, and every later `dvc repro` stops with RWLockFileCorruptedError (found by
+    bench/chaos.py). Called under run_lock, when no run of ours is live here: a file that does not parse is
+    a dead process's leftover; it is moved aside (kept for inspection) and DVC starts a fresh one."""
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return False
+    except FileNotFoundError:
+        return False
+    except (ValueError, UnicodeDecodeError):
+        aside = path.with_name(f"rwlock.corrupt-{os.getpid()}")
+        path.replace(aside)
+        print(f"warning: {path} was cut short by a killed process; moved to {aside.name}, DVC starts a new one")
+        return True

@@ -65,3 +65,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     clean, _, _ = tiny_run(tmp_path / "c")
     for p, q in zip(clean.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_cut_dvc_rwlock_left_by_a_killed_run_is_moved_aside(tmp_path):
+    from alignflow.layout import recover_dvc_rwlock, run_lock
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True)
+    rwlock.write_text('{"read": {}, "write": {}}')
+    assert recover_dvc_rwlock(tmp_path) is False and rwlock.exists()  # a sound one stays
+    rwlock.write_text('{"read": {"/x": [{"pid": 1')  # killed mid-write
+    with run_lock(tmp_path):
+        assert not rwlock.exists()
+    assert [p.name.startswith("rwlock.corrupt-") for p in rwlock.parent.iterdir()] == [True]
