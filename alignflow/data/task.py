@@ -68,20 +68,20 @@ def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int =
     rng = random.Random(seed)
     used: set[tuple[int, int]] = set()
 
-    def draw(n: int, digits: int, long_share_: float, pair_of=None) -> list[tuple[int, int]]:
+    def draw(n: int, pair_of=lambda: _pair(rng, max_digits, long_digits, long_share)) -> list[tuple[int, int]]:
         pairs: list[tuple[int, int]] = []
         for _ in range(n * 50):
             if len(pairs) == n:
                 break
-            pair = pair_of() if pair_of else _pair(rng, digits, long_digits, long_share_)
+            pair = pair_of()
             if pair not in used:
                 used.add(pair)
                 pairs.append(pair)
         return pairs  # fewer than n only when the distribution runs out of unique pairs
 
-    held_out = {"eval": draw(n_eval, max_digits, long_share), "ood": draw(n_ood, 0, 0.0, lambda: (rng.randint(*OOD_RANGE), rng.randint(*OOD_RANGE))),
-                "real": draw(n_real, max_digits, long_share), "logged": draw(n_logged, max_digits, long_share)}
-    train = {"sft": draw(n_sft, max_digits, long_share), "rl": draw(n_rl, max_digits, long_share)}
+    harder = lambda: (rng.randint(*OOD_RANGE), rng.randint(*OOD_RANGE))  # noqa: E731
+    held_out = {"eval": draw(n_eval), "ood": draw(n_ood, harder), "real": draw(n_real), "logged": draw(n_logged)}
+    train = {"sft": draw(n_sft), "rl": draw(n_rl)}
 
     def labelled(pairs, with_response: bool, phrase=None) -> list[dict]:
         return [{"prompt": phrase(a, b) if phrase else prompt_of(a, b),

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m alignflow.steps rl --pipeline gpu
 
-is how a GPU work pool's job launches the RL stage on N GPUs (infra/k8s-job-template.yaml). Every rank holds
+is how a GPU work pool's job launches the RL stage on N GPUs (docs/scaling.md §6). Every rank holds
 the whole policy and its own in-process rollout engine; a step's prompts are drawn from one seeded stream
 that all ranks share and split between them, so N ranks see the same global batch a single process would.
 DDP averages the gradients, so every rank applies the same update and the weights stay identical; the loop
