@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_stage(pipeline: str, n_gpus: int) -> dict:
-    import pandas as pd
+def greedy_accuracy(pipeline: str, model_dir: Path) -> float:
     import torch
 
     from alignflow import models
@@ -31,6 +30,21 @@ def run_stage(pipeline: str, n_gpus: int) -> dict:
     from alignflow.evaluation import score
     from alignflow.layout import Layout
     from alignflow.stage import read_split
+    layout, cfg = Layout(ROOT, pipeline), load_pipeline(pipeline, ROOT / "pipelines.yaml")
+    eval_rows = read_split(layout.curated, "eval")
+    model, tok = models.load(model_dir, cfg.device)
+    accuracy = score(model, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist(),
+                     batch_size=cfg.evaluate.batch_size)["accuracy"]
+    del model
+    torch.cuda.empty_cache()
+    return accuracy
+
+
+def run_stage(pipeline: str, n_gpus: int) -> dict:
+    import pandas as pd
+
+    from alignflow.config import load_pipeline
+    from alignflow.layout import Layout
     layout, cfg = Layout(ROOT, pipeline), load_pipeline(pipeline, ROOT / "pipelines.yaml")
     shutil.rmtree(layout.rl, ignore_errors=True)
     launcher = [sys.executable] if n_gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
@@ -42,13 +56,8 @@ def run_stage(pipeline: str, n_gpus: int) -> dict:
     steps = len(curve)
     completions = steps * cfg.rl.prompts_per_step * cfg.rl.group_size
     train_seconds = float(json.loads((layout.metrics / "rl.json").read_text())["seconds"])
-    eval_rows = read_split(layout.curated, "eval")
     last = sorted(layout.rl.iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1]))[-1]
-    model, tok = models.load(last, cfg.device)
-    greedy = score(model, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist(),
-                   batch_size=cfg.evaluate.batch_size)["accuracy"]
-    del model
-    torch.cuda.empty_cache()
+    greedy = greedy_accuracy(pipeline, last)
     quarter = max(1, steps // 4)
     return {"n_gpus": n_gpus, "steps": steps, "completions": completions, "stage_seconds": train_seconds,
             "wall_seconds": round(wall, 1), "completions_per_s": round(completions / train_seconds, 1),
@@ -64,12 +73,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results/rl_multi_gpu.json"))
     args = parser.parse_args()
     import torch
+    from alignflow.config import load_pipeline
+    from alignflow.layout import Layout
+    cfg = load_pipeline(args.pipeline, ROOT / "pipelines.yaml")
+    sft_greedy = greedy_accuracy(args.pipeline, Layout(ROOT, args.pipeline).sft)
     runs = [run_stage(args.pipeline, n) for n in args.gpus]
     single = next(r for r in runs if r["n_gpus"] == 1)
     widest = max(runs, key=lambda r: r["n_gpus"])
     out = {"device": torch.cuda.get_device_name(0), "n_gpus": widest["n_gpus"],
            "speedup_vs_1gpu": round(widest["completions_per_s"] / single["completions_per_s"], 3),
-           "runs": runs, "command": "python bench/rl_multi_gpu.py " + " ".join(sys.argv[1:])}
+           "engine": cfg.rl.engine, "completions_per_step": cfg.rl.prompts_per_step * cfg.rl.group_size,
+           "sft_greedy_eval_accuracy": sft_greedy, "runs": runs, "command": "python bench/rl_multi_gpu.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
