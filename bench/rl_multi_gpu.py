@@ -4,8 +4,9 @@
 
 Needs the pipeline's curated splits and SFT model (python -m alignflow.steps base|sft --pipeline gpu). Each
 run is the real stage command (`python -m alignflow.steps rl`, under `torchrun --nproc_per_node N` for N > 1)
-on the same config and global batch; throughput counts sampled completions per second of RL training time
-(the stage's own per-step timings, so model loading and evaluation are outside it). Learning: the reward
+on the same config and global batch; throughput counts sampled completions per second of steady-state RL
+training (the stage's own per-step timings after the first 5 steps, so model loading, compilation, graph capture and
+evaluation are outside it; the whole stage's rate is reported beside it). Learning: the reward
 curve and the last checkpoint's greedy accuracy on the eval split.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 5
 sys.path.insert(0, str(ROOT))
 
 
@@ -56,11 +58,16 @@ def run_stage(pipeline: str, n_gpus: int) -> dict:
     steps = len(curve)
     completions = steps * cfg.rl.prompts_per_step * cfg.rl.group_size
     train_seconds = float(json.loads((layout.metrics / "rl.json").read_text())["seconds"])
+    # steady state: the steps after the first WARMUP (compile, CUDA-graph capture and allocator warm-up happen there)
+    steady = curve["step_seconds"].iloc[WARMUP:]
+    per_step = cfg.rl.prompts_per_step * cfg.rl.group_size
     last = sorted(layout.rl.iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1]))[-1]
     greedy = greedy_accuracy(pipeline, last)
     quarter = max(1, steps // 4)
     return {"n_gpus": n_gpus, "steps": steps, "completions": completions, "stage_seconds": train_seconds,
-            "wall_seconds": round(wall, 1), "completions_per_s": round(completions / train_seconds, 1),
+            "wall_seconds": round(wall, 1), "stage_completions_per_s": round(completions / train_seconds, 1),
+            "steady_step_seconds": round(float(steady.mean()), 4),
+            "completions_per_s": round(per_step / float(steady.mean()), 1),
             "reward_by_quarter": [round(float(curve["reward"].iloc[i:i + quarter].mean()), 3)
                                   for i in range(0, steps, quarter)],
             "last_checkpoint": last.name, "greedy_eval_accuracy": greedy}

@@ -1,12 +1,17 @@
 """One GRPO step, alignflow vs TRL's GRPOTrainer, in one process and one run (bench only; TRL is not a
 runtime dependency: `pip install -e .[bench]`).
 
-Same model (the tiny pipeline's SFT model, or a freshly built tiny model), same task (rl prompts of the
-arithmetic task), same batch (8 prompts x 8 completions = 64 completions of up to 32 new tokens), one
+Same model (the tiny pipeline's SFT model, or a freshly built model of --shape), same task (rl prompts of the
+arithmetic task), same batch (8 prompts x 8 completions = 64 completions of up to --new-tokens new tokens), one
 update epoch, beta = 0, temperature 1, same learning rate. Writes bench/results/rl_step.json:
 {"alignflow_completions_per_s", "trl_completions_per_s", "ratio", "phases": {...}}.
 
-    python bench/rl_step.py [--model models/tiny/sft] [--steps 6]
+    python bench/rl_step.py [--model models/tiny/sft] [--steps 6]                  # CPU, the tiny SFT model
+    python bench/rl_step.py --device cuda --engine static --shape 0.5b --new-tokens 256 \
+        --out bench/results/rl_step_gpu.json                                         # GPU (issue 7)
+
+On CUDA both sides train fp32 master weights under bf16 autocast (TRL: bf16=True); alignflow samples from a bf16
+copy in its static engine, synced (and verified) after every update.
 """
 from __future__ import annotations
 
@@ -33,14 +38,26 @@ from alignflow.data.task import generate  # noqa: E402
 from alignflow.rewards import accuracy_reward  # noqa: E402
 from alignflow.train import rl  # noqa: E402
 
-PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 32, 1e-4
+PROMPTS, GROUP, LR = 8, 8, 1e-4
+NEW_TOKENS = 32  # --new-tokens
+SHAPES = {"tiny": TinyModelConfig(),  # Qwen2.5-0.5B's decoder shape (our char-level vocabulary instead of 151,936)
+          "0.5b": TinyModelConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864)}
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 FLOP/s (datasheet)
 
 
-def load_policy(path: str | None):
+def load_policy(path: str | None, shape: str, device: str):
     if path and (Path(path) / "config.json").exists():
-        return models.load(path)
-    tok = models.build_tokenizer()
-    return models.build_tiny_model(tok, TinyModelConfig()), tok
+        model, tok = models.load(path)
+    else:
+        tok = models.build_tokenizer()
+        torch.manual_seed(0)
+        model = models.build_tiny_model(tok, SHAPES[shape], max_positions=64 + NEW_TOKENS)
+    return model.to(models.resolve_device(device)), tok
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def task_rows(n: int = 512):
@@ -48,17 +65,24 @@ def task_rows(n: int = 512):
     return [r["prompt"] for r in rows], [r["answer"] for r in rows]
 
 
-def bench_alignflow(model, tok, steps: int) -> tuple[float, dict]:
+def bench_alignflow(model, tok, steps: int, engine_name: str) -> tuple[float, dict]:
     """The real loop's pieces, timed per phase (the same calls train_candidate makes)."""
     from alignflow.rollout import make_engine, token_logprobs
     prompts, answers = task_rows()
     cfg = RLConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS)
     algo = ALGORITHMS["grpo"]
     hp = algo.hparams({})
-    engine = make_engine("transformers", model, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    device = model.device
+    if engine_name == "static" and device.type == "cuda":  # samples from its own bf16 copy, synced every step
+        from alignflow.rollout.static_engine import StaticCacheEngine
+        # bf16 samples vs the fp32 trainer: log-probs differ by rounding (~1e-2), not by a missed sync (the diff
+        # each step is reported as max_sync_diff)
+        engine = StaticCacheEngine(model, tok, dtype=torch.bfloat16, tolerance=0.1)
+    else:
+        engine = make_engine(engine_name, model, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")
     phases = {k: [] for k in ("generate", "reward", "reference_logprobs", "update", "weight_sync")}
-    step_times = []
+    step_times, tokens, sync_diffs = [], [], []
     for step in range(steps + 1):
         t0 = time.perf_counter()
         idx = [(step * PROMPTS + i) % len(prompts) for i in range(PROMPTS)]
@@ -73,17 +97,21 @@ def bench_alignflow(model, tok, steps: int) -> tuple[float, dict]:
         t = time.perf_counter()
         T, mask = batch.completion_len, batch.completion_mask.float()
         adv = ADVANTAGES[algo.advantage](batch, hp)
-        logp = token_logprobs(model, batch.input_ids, batch.attention_mask, T)
+        with models.autocast(device.type, "bf16"):
+            logp = token_logprobs(model, batch.input_ids, batch.attention_mask, T)
         batch.old_logprobs = logp.detach()
         loss = LOSS_AGGS[algo.loss_agg](POLICY_LOSSES[algo.policy_loss](logp, batch, adv, hp)[0], mask, hp)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync(device)
         t_update = time.perf_counter() - t
         t = time.perf_counter()
-        engine.sync(model)
+        sync_diffs.append(engine.sync(model))
+        sync(device)
         t_sync = time.perf_counter() - t
+        tokens.append(int(batch.completion_mask.sum()))
         if step == 0:
             continue  # warm-up
         step_times.append(time.perf_counter() - t0)
@@ -91,7 +119,8 @@ def bench_alignflow(model, tok, steps: int) -> tuple[float, dict]:
                      ("update", t_update), ("weight_sync", t_sync)):
             phases[k].append(v)
     mean_step = statistics.mean(step_times)
-    return PROMPTS * GROUP / mean_step, {k: statistics.mean(v) for k, v in phases.items()} | {"step": mean_step}
+    return PROMPTS * GROUP / mean_step, {k: statistics.mean(v) for k, v in phases.items()} | {
+        "step": mean_step, "completion_tokens": statistics.mean(tokens[1:]), "max_sync_diff": max(sync_diffs)}
 
 
 def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
@@ -100,6 +129,14 @@ def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     from alignflow.models import chat_prompt
+    _hash = datasets.fingerprint.Hasher.hash
+
+    def hash_or_random(cls, value):  # some images' pyarrow types fail to pickle in datasets' fingerprinting
+        try:
+            return _hash(value)
+        except Exception:  # noqa: BLE001 (a fingerprint only names cache files; a random one is correct)
+            return datasets.fingerprint.generate_random_fingerprint()
+    datasets.fingerprint.Hasher.hash = classmethod(hash_or_random)
     prompts, answers = task_rows()
     ds = datasets.Dataset.from_dict({"prompt": [chat_prompt(tok, p) for p in prompts], "answer": answers})
 
@@ -121,7 +158,7 @@ def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                           max_completion_length=NEW_TOKENS, max_steps=steps + 1, learning_rate=LR, beta=0.0,
                           temperature=1.0, top_k=0, num_iterations=1, logging_steps=1, report_to="none",
-                          use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                          use_cpu=model.device.type == "cpu", bf16=model.device.type == "cuda", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                           lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, seed=0)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                               callbacks=[timer])
@@ -131,25 +168,39 @@ def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
 
 
 def main() -> int:
+    global NEW_TOKENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(ROOT / "models/tiny/sft"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default=str(ROOT / "bench/results/rl_step.json"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "static"])
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model built when --model is absent")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_policy(args.model)
-    ours, phases = bench_alignflow(model, tok, args.steps)
-    model, tok = load_policy(args.model)  # TRL starts from the same weights
+    NEW_TOKENS = args.new_tokens
+    model, tok = load_policy(args.model, args.shape, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    ours, phases = bench_alignflow(model, tok, args.steps, args.engine)
+    del model
+    model, tok = load_policy(args.model, args.shape, args.device)  # TRL starts from the same weights
     theirs, trl_phases = bench_trl(model, tok, args.steps)
     import trl
-    result = {"peer": f"trl {trl.__version__} GRPOTrainer", "device": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "model": args.model if Path(args.model).exists() else "tiny (random init)",
+    on_cuda = args.device == "cuda"
+    device = torch.cuda.get_device_name(0) if on_cuda else platform.processor() or platform.machine()
+    result = {"peer": f"trl {trl.__version__} GRPOTrainer", "device": device,
+              "threads": torch.get_num_threads(), "engine": args.engine, "parameters": n_params,
+              "model": args.model if Path(args.model).exists() else f"{args.shape} shape (random init)",
               "batch": {"prompts": PROMPTS, "completions_per_prompt": GROUP, "max_new_tokens": NEW_TOKENS},
               "alignflow_completions_per_s": round(ours, 2), "trl_completions_per_s": round(theirs, 2),
-              "ratio": round(ours / theirs, 3),
+              "ratio": round(ours / theirs, 3), "ratio_vs_trl": round(ours / theirs, 3),
               "phases_s": {"alignflow": {k: round(v, 4) for k, v in phases.items()},
                            "trl": {k: round(v, 4) for k, v in trl_phases.items()}},
               "command": "python bench/rl_step.py " + " ".join(sys.argv[1:])}
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    if on_cuda and peak:  # hardware fraction: model FLOPs of the step (2N per sampled token, 6N per trained one)
+        flops = 8 * n_params * phases["completion_tokens"]
+        result["mfu_alignflow"] = round(flops / phases["step"] / peak, 4)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

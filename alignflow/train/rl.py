@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -225,6 +226,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
                disable=not distributed.is_main())
     for step in bar:
+        started = time.perf_counter()
         # ---- rollout (the preset's hook) and reward
         source.reward_errors = 0
         batch, metrics = ROLLOUTS[algo.rollout](source, hp)
@@ -267,6 +269,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                        tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
                        **loss_metrics)
         metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
+        metrics["step_seconds"] = time.perf_counter() - started  # after the all-reduce: the slowest rank's step
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", refresh=False)
         if not distributed.is_main():  # rank 0 logs and writes for all; the others only train
             faults.maybe_kill("rl", step + 1)
