@@ -5,5 +5,5 @@
 # machine has no registry; what the image lacks is in the folder.
 set -eo pipefail
 python -m pip install -q --no-index --no-deps .carry/trl/*.whl 2>&1 | grep -v WARNING || true
-python bench/rl_step.py --device cuda --engine static --shape 0.5b --model none --new-tokens 256 --steps 5 \
+CUDA_VISIBLE_DEVICES=0 python bench/rl_step.py --device cuda --engine static --shape 0.5b --model none --new-tokens 256 --steps 5 \
   --out "$OUT/rl_step_gpu.json" 2>&1 | grep -v "it/s" | tail -50
