@@ -67,6 +67,8 @@ def run_stage(pipeline: str, n_gpus: int) -> dict:
     return {"n_gpus": n_gpus, "steps": steps, "completions": completions, "stage_seconds": train_seconds,
             "wall_seconds": round(wall, 1), "stage_completions_per_s": round(completions / train_seconds, 1),
             "steady_step_seconds": round(float(steady.mean()), 4),
+            "steady_phase_seconds": {k: round(float(curve[f"{k}_seconds"].iloc[WARMUP:].mean()), 4)
+                                     for k in ("rollout", "update", "sync")},
             "completions_per_s": round(per_step / float(steady.mean()), 1),
             "reward_by_quarter": [round(float(curve["reward"].iloc[i:i + quarter].mean()), 3)
                                   for i in range(0, steps, quarter)],

@@ -239,6 +239,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             batch = concat_batches([batch, rows], tokenizer.pad_token_id)
         batch.step, batch.total_steps = step, cand.steps
         # ---- the extra inputs the method needs, then its advantage
+        rolled_out = time.perf_counter()  # rewards are Python floats: the rollout has finished on the device
         _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator,
                      engine_is_trainer=getattr(engine, "shares_trainer_weights", False))
         T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
@@ -261,6 +262,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             nonfinite_in_row = 0
             optimizer.step()
         scheduler.step()
+        updated = time.perf_counter()  # loss.item() / grad_norm.item() waited for the backward and the all-reduce
         # ---- weight sync (verified), logging, checkpoints
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
         metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
@@ -269,7 +271,9 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                        tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
                        **loss_metrics)
         metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
-        metrics["step_seconds"] = time.perf_counter() - started  # after the all-reduce: the slowest rank's step
+        done = time.perf_counter()  # after the all-reduce of the reward: the slowest rank's step
+        metrics.update(step_seconds=done - started, rollout_seconds=rolled_out - started,
+                       update_seconds=updated - rolled_out, sync_seconds=done - updated)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", refresh=False)
         if not distributed.is_main():  # rank 0 logs and writes for all; the others only train
             faults.maybe_kill("rl", step + 1)
