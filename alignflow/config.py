@@ -129,6 +129,9 @@ class RLConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int | None = Field(None, ge=1, description=(
+        "responses per forward/backward of the update (gradients accumulated; None = the whole batch); "
+        "an out-of-memory update is retried with half as many"))
     checkpoint_every: int = Field(50, ge=1)
     engine: Literal["transformers", "static", "vllm"] = Field(
         "transformers", description="rollout engine; static = own decode loop with CUDA graphs (GPU), vllm = own env")

@@ -46,7 +46,9 @@ def chord_loss(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp: d
     sft_loss = -weight * logp                                                         # [B, T]
     expert = batch.is_expert[:, None]                                                 # [B, 1]
     mask = batch.completion_mask.float()
-    n_all, n_sft = mask.sum(), (mask * expert).sum()
+    whole = batch.extras.get("whole", batch)  # token counts of the whole step's batch, also in a micro-batch
+    whole_mask = whole.completion_mask.float()
+    n_all, n_sft = whole_mask.sum(), (whole_mask * whole.is_expert[:, None]).sum()
     n_rl = n_all - n_sft
     mu = chord_mu(batch.step, batch.total_steps, hp)
     # token_mean divides by n_all; these factors turn it into (1 - mu) mean_RL + mu mean_SFT

@@ -9,10 +9,12 @@ outs), and the candidate snapshots are kept there too until the stage copies the
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +29,8 @@ from alignflow.config import CandidateConfig, RLConfig
 from alignflow.models import chat_prompt, save
 from alignflow.rewards import accuracy_reward, safe_rewards
 from alignflow.rollout import Sampling, make_engine, token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +86,39 @@ class _Scorer(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, completion_len: int, temperature: float):
         return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature)
+
+
+def _rows(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
+    """The batch restricted to `rows` (every per-response tensor; per-group and scalar fields kept as they are).
+    A policy loss that normalises by whole-batch counts finds the whole batch in `extras["whole"]`."""
+    n = len(batch.rewards)
+    return replace(batch, extras={**batch.extras, "whole": batch},
+                   **{f.name: value[rows.to(value.device)] for f in fields(batch)
+                      if isinstance(value := getattr(batch, f.name), torch.Tensor) and value.shape[:1] == (n,)})
+
+
+def _policy_loss_backward(scorer, batch: RolloutBatch, adv: torch.Tensor, mask: torch.Tensor, algo, hp: dict,
+                          cfg: RLConfig, micro_batches: int, where: tuple[str, int]) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of the policy loss in `micro_batches` row slices, gradients accumulated. Every loss
+    aggregation is linear in the per-token loss with weights that depend on the whole batch's mask only, so a
+    slice's share is the aggregate of a [B, T] loss that holds just its rows, and the shares sum to the one-pass
+    loss (and gradient) exactly. DDP all-reduces once, on the last slice."""
+    n, T = mask.shape
+    slices = torch.arange(n).tensor_split(micro_batches)
+    total, metrics = torch.zeros((), device=mask.device), {}
+    for i, rows in enumerate(slices):
+        last = i == len(slices) - 1
+        part, at = _rows(batch, rows), rows.to(mask.device)
+        with contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync():
+            faults.maybe_oom(*where)
+            logp = scorer(part.input_ids, part.attention_mask, T, cfg.temperature)
+            token_loss, part_metrics = POLICY_LOSSES[algo.policy_loss](logp, part, adv[at], hp)
+            share = LOSS_AGGS[algo.loss_agg](token_loss.new_zeros(n, T).index_copy(0, at, token_loss), mask, hp)
+            share.backward()
+        total += share.detach()
+        for key, value in part_metrics.items():  # row-weighted means of the slices' metrics
+            metrics[key] = metrics.get(key, 0.0) + float(value) * len(rows) / n
+    return total, metrics
 
 
 class _PromptStream:
@@ -223,6 +260,8 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
     mask_dtype, nonfinite_in_row, skipped = torch.float32, 0, 0
+    rows = cfg.prompts_per_step * cfg.group_size // distributed.world_size()
+    micro_batches = math.ceil(rows / cfg.micro_batch_size) if cfg.micro_batch_size else 1
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
                disable=not distributed.is_main())
     for step in bar:
@@ -246,11 +285,21 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
         for _ in range(cfg.ppo_epochs):
-            logp = scorer(batch.input_ids, batch.attention_mask, T, cfg.temperature)
-            token_loss, loss_metrics = POLICY_LOSSES[algo.policy_loss](logp, batch, adv, hp)
-            loss = LOSS_AGGS[algo.loss_agg](token_loss, mask, hp)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            while True:  # out of memory: retry in twice as many micro-batches (the same effective batch)
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss, loss_metrics = _policy_loss_backward(scorer, batch, adv, mask, algo, hp, cfg, micro_batches,
+                                                               ("rl", step + 1))
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    if micro_batches >= len(batch.rewards):
+                        raise
+                    micro_batches *= 2
+                    log.warning("rl step %d: out of memory; retrying the update in %d micro-batches", step + 1,
+                                micro_batches)
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
                 nonfinite_in_row, skipped = nonfinite_in_row + 1, skipped + 1
@@ -266,6 +315,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         # ---- weight sync (verified), logging, checkpoints
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
         metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
+                       micro_batches=micro_batches,
                        sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
                        rank_max_abs_diff=distributed.check_in_sync(engine.probe_logprobs),
                        tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
