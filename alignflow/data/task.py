@@ -102,3 +102,21 @@ def generate(seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_logged: int =
         corpus.append(f"{a}+{b}={a + b}" if rng.random() < 0.7 else f"{a} plus {b} is {a + b}")
     splits["corpus"] = [{"prompt": text, "response": None, "answer": None} for text in corpus]
     return splits
+
+
+HARD_RANGE = (100, 999)  # both operands of a hard sum (POPE's hard split)
+
+
+def hard_split(seed: int = 0, n_train: int = 400, n_eval: int = 200, exclude: set[str] = frozenset()) -> dict:
+    """POPE's hard split: sums of two 3-digit operands, which the tiny default's SFT model rarely solves, so most
+    GRPO groups on them are all-zero. {"train": rows, "eval": rows} with the worked solution as "response" (POPE's
+    privileged prefix), disjoint from each other and from the prompts in `exclude` (e.g. every curated split)."""
+    rng = random.Random(f"hard-{seed}")
+    seen, pairs = set(exclude), []
+    while len(pairs) < n_train + n_eval:
+        a, b = rng.randint(*HARD_RANGE), rng.randint(*HARD_RANGE)
+        if prompt_of(a, b) not in seen:
+            seen.add(prompt_of(a, b))
+            pairs.append((a, b))
+    rows = [{"prompt": prompt_of(a, b), "response": worked_steps(a, b), "answer": str(a + b)} for a, b in pairs]
+    return {"train": rows[:n_train], "eval": rows[n_train:]}

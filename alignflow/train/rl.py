@@ -73,7 +73,9 @@ def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn
                          completion_mask=completions.completion_mask, rewards=torch.tensor(rewards),
                          group_ids=completions.prompt_index, old_logprobs=completions.logprobs,
                          rollout_logprobs=completions.logprobs, prompts=list(prompts))
+    solved = batch.rewards.view(len(prompts), cfg.group_size).max(-1).values > 0
     return batch, {"reward": float(batch.rewards.mean()), "reward_errors": reward_errors,
+                   "zero_reward_groups": float((~solved).float().mean()),  # no learning signal for group baselines
                    "completion_len": float(completions.completion_mask.sum(-1).float().mean())}
 
 
