@@ -116,6 +116,7 @@ def _policy_loss_backward(scorer, batch: RolloutBatch, adv: torch.Tensor, mask: 
             logp = scorer(part.input_ids, part.attention_mask, T, cfg.temperature)
             token_loss, part_metrics = POLICY_LOSSES[algo.policy_loss](logp, part, adv[at], hp)
             share = LOSS_AGGS[algo.loss_agg](token_loss.new_zeros(n, T).index_copy(0, at, token_loss), mask, hp)
+            share = faults.maybe_nan(*where, share) if last else share
             share.backward()
         total += share.detach()
         for key, value in part_metrics.items():  # row-weighted means of the slices' metrics

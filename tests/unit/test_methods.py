@@ -438,3 +438,28 @@ def test_out_of_memory_update_retries_in_halves(monkeypatch, caplog):
     assert logs["micro_batches"] == 2 and "out of memory; retrying the update in 2 micro-batches" in caplog.text
     for a, b in zip(whole.parameters(), retried.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_nan_in_the_rl_update_is_skipped_then_aborts_after_n_in_a_row(monkeypatch):
+    from alignflow.train.rl import NonFiniteLossError
+    before, _ = _one_step("grpo", None)
+    skipped, logs = _one_step("grpo", None, fault="nan:rl:1", monkeypatch=monkeypatch)
+    assert logs["skipped_updates"] == 1
+    for a, b in zip(_tiny_start().parameters(), skipped.parameters()):  # the update was not applied
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), skipped.parameters()))
+    from alignflow.config import CandidateConfig, RLConfig
+    from alignflow.models import build_tokenizer
+    from alignflow.train.rl import train_candidate
+    monkeypatch.setenv("ALIGNFLOW_FAULT", "nan:rl:2,nan:rl:3")  # step 1 fired above (once per process)
+    tok = build_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(NonFiniteLossError, match="2 non-finite losses/gradients in a row at step 3"):
+        train_candidate(_tiny(tok), tok, CandidateConfig(name="t", algorithm="grpo", steps=3, checkpoints=[3]), 0,
+                        RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4), ["1+2=?", "3+4=?"], ["3", "7"],
+                        Path(tmp), on_log=lambda s, m: None, reward_fn=length_reward, max_nonfinite=2)
+
+
+def _tiny_start():
+    from alignflow.models import build_tokenizer
+    torch.manual_seed(0)
+    return _tiny(build_tokenizer())
