@@ -5,16 +5,18 @@
 # pipeline (base 500 steps, RL $STEPS steps of $PROMPTS prompts x 8) so the whole thing fits one 10-minute device
 # call; the bench runs once per rollout engine in $ENGINES (the first one's JSON is rl_multi_gpu.json).
 set -eo pipefail
-ENGINES=${ENGINES:-static transformers} PROMPTS=${PROMPTS:-128} STEPS=${STEPS:-40}
+ENGINES=${ENGINES:-static transformers} PROMPTS=${PROMPTS:-128} STEPS=${STEPS:-40} BASE_STEPS=${BASE_STEPS:-500}
+MICRO=${MICRO:-0}  # rl.micro_batch_size (responses per forward/backward of the update per rank; 0 = whole batch)
 python -m pip install -q --no-index --find-links .carry/wheels pandas pydantic pyyaml 2>&1 | grep -v WARNING || true
 mkdir -p data/gpu/curated && cp .carry/gpu/*.jsonl* .carry/gpu/validation.json data/gpu/curated/ && gunzip -f data/gpu/curated/corpus.jsonl.gz
-PROMPTS=$PROMPTS STEPS=$STEPS python - <<'PY'
+PROMPTS=$PROMPTS STEPS=$STEPS BASE_STEPS=$BASE_STEPS MICRO=$MICRO python - <<'PY'
 import os
 import yaml
 raw = yaml.safe_load(open("pipelines.yaml"))
 gpu = raw["pipelines"]["gpu"]
 steps = int(os.environ["STEPS"])
-gpu["base"]["steps"] = 500
+gpu["base"]["steps"] = int(os.environ["BASE_STEPS"])
+gpu["rl"]["micro_batch_size"] = int(os.environ["MICRO"]) or None
 gpu["rl"]["prompts_per_step"] = int(os.environ["PROMPTS"])
 gpu["rl"]["checkpoint_every"] = steps // 2
 gpu["rl"]["candidates"] = [{"name": "grpo", "algorithm": "grpo", "seeds": [0], "steps": steps,
