@@ -133,12 +133,17 @@ def write_hard_docs(out: dict, pipeline: str) -> None:
     for r in rows:
         cells = [fmt(r[k]) if k in r else "–" for k in SUMMARY_KEYS["hard"]]
         lines.append(f"| {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    replace_block("methods-hard", "\n".join(lines), "POPE on the hard split")
+
+
+def replace_block(marker: str, body: str, heading: str) -> None:
+    """Put `body` between the `<!-- marker:start/end -->` comments of docs/results.md (a new section if absent)."""
     doc = ROOT / "docs/results.md"
     text = doc.read_text()
-    start, end = "<!-- methods-hard:start -->", "<!-- methods-hard:end -->"
-    block = f"{start}\n" + "\n".join(lines) + f"\n{end}"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{body}\n{end}"
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):] if start in text else \
-        text + "\n## POPE on the hard split\n\n" + block + "\n"
+        text + f"\n## {heading}\n\n" + block + "\n"
     doc.write_text(text)
 
 
@@ -158,13 +163,7 @@ def write_docs(out: dict, pipeline: str) -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['n']} | {fmt(r['eval_accuracy'])} | {r['eval_accuracy'][0] - sft:+.3f} | "
                      f"{fmt(r['ood_accuracy'])} | {fmt(r['eval_steps_consistent'])} |")
-    doc = ROOT / "docs/results.md"
-    text = doc.read_text()
-    start, end = "<!-- methods:start -->", "<!-- methods:end -->"
-    block = f"{start}\n" + "\n".join(lines) + f"\n\n![methods](img/methods_{pipeline}.png)\n{end}"
-    text = text[:text.index(start)] + block + text[text.index(end) + len(end):] if start in text else \
-        text + "\n## Every method, same start\n\n" + block + "\n"
-    doc.write_text(text)
+    replace_block("methods", "\n".join(lines) + f"\n\n![methods](img/methods_{pipeline}.png)", "Every method, same start")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [r["method"] for r in rows]
     for i, (key, label) in enumerate((("eval_accuracy", "greedy eval"), ("ood_accuracy", "greedy OOD"))):

@@ -333,27 +333,7 @@ def length_reward(prompts, completions, **kw):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_preset_trains_two_steps_and_moves_every_parameter(name):
-    from alignflow.config import CandidateConfig, RLConfig
-    from alignflow.data.task import worked_steps
-    from alignflow.models import build_tokenizer
-    from alignflow.train.rl import ExtraModels, train_candidate
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    model = _tiny(tok)
-    # ref = the starting point (a copy), base and teacher = other tiny models, so implicit rewards and
-    # teacher log-probs are non-trivial
-    extra = ExtraModels(ref=copy.deepcopy(model).eval(), base=_tiny(tok).eval(), teacher=_tiny(tok).eval())
-    pairs = [(1, 2), (3, 4), (12, 9), (47, 85)]
-    prompts, answers = [f"{a}+{b}=?" for a, b in pairs], [str(a + b) for a, b in pairs]
-    solutions = [worked_steps(a, b) for a, b in pairs]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        train_candidate(model, tok, CandidateConfig(name="t", algorithm=name, steps=2, checkpoints=[2], lr=1e-2,
-                                                    seeds=[0]), 0,
-                        RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=8), prompts, answers, Path(tmp),
-                        on_log=lambda s, m: logs.append(m), reward_fn=length_reward, extra_models=extra,
-                        solutions=solutions, expert=list(zip(prompts, solutions)))
+    model, logs, before = _train(name, steps=2)
     assert len(logs) == 2 and all(math.isfinite(m["loss"]) for m in logs)
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"{name}: parameters not updated: {unchanged}"
@@ -394,7 +374,10 @@ def test_static_engine_drives_the_rl_loop():
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def _one_step(name: str, micro_batch_size, fault: str = "", monkeypatch=None):
+def _train(name: str, steps: int = 1, micro_batch_size=None, fault: str = "", monkeypatch=None):
+    """`steps` RL steps of a preset on a tiny model, with a reward that varies within groups. ref = the starting
+    point (a copy), base and teacher = other tiny models, so implicit rewards and teacher log-probs are
+    non-trivial. -> (model, per-step logs, starting parameters)"""
     from alignflow.config import CandidateConfig, RLConfig
     from alignflow.data.task import worked_steps
     from alignflow.models import build_tokenizer
@@ -406,17 +389,18 @@ def _one_step(name: str, micro_batch_size, fault: str = "", monkeypatch=None):
     pairs = [(1, 2), (3, 4), (12, 9), (47, 85)]
     prompts, answers = [f"{a}+{b}=?" for a, b in pairs], [str(a + b) for a, b in pairs]
     solutions = [worked_steps(a, b) for a, b in pairs]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs = []
     if monkeypatch is not None:
         monkeypatch.setenv("ALIGNFLOW_FAULT", fault)
     with tempfile.TemporaryDirectory() as tmp:
-        train_candidate(model, tok, CandidateConfig(name="t", algorithm=name, steps=1, checkpoints=[1], lr=1e-2,
-                                                    seeds=[0]), 0,
+        train_candidate(model, tok, CandidateConfig(name="t", algorithm=name, steps=steps, checkpoints=[steps],
+                                                    lr=1e-2, seeds=[0]), 0,
                         RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=8,
                                  micro_batch_size=micro_batch_size), prompts, answers, Path(tmp),
                         on_log=lambda s, m: logs.append(m), reward_fn=length_reward, extra_models=extra,
                         solutions=solutions, expert=list(zip(prompts, solutions)))
-    return model, logs[0]
+    return model, logs, before
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -424,8 +408,8 @@ def test_micro_batched_update_equals_one_pass(name):
     """Same rollouts, update in 1 pass vs in slices of 3 responses: same loss and the same (clipped) gradient
     (every loss aggregation is linear in the per-token loss). Gradients, not parameters: Adam's first step is
     ~lr * sign(g), which turns rounding on near-zero gradients into lr-sized differences."""
-    whole, log_whole = _one_step(name, None)
-    sliced, log_sliced = _one_step(name, 3)
+    whole, (log_whole,), _ = _train(name)
+    sliced, (log_sliced,), _ = _train(name, micro_batch_size=3)
     assert log_whole["micro_batches"] == 1 and log_sliced["micro_batches"] >= 6
     assert log_sliced["loss"] == pytest.approx(log_whole["loss"], rel=1e-5, abs=1e-7)
     for (n, a), b in zip(whole.named_parameters(), sliced.parameters()):
@@ -433,8 +417,8 @@ def test_micro_batched_update_equals_one_pass(name):
 
 
 def test_out_of_memory_update_retries_in_halves(monkeypatch, caplog):
-    whole, _ = _one_step("grpo", None)
-    retried, logs = _one_step("grpo", None, fault="oom:rl:1", monkeypatch=monkeypatch)
+    whole, _, _ = _train("grpo")
+    retried, (logs,), _ = _train("grpo", fault="oom:rl:1", monkeypatch=monkeypatch)
     assert logs["micro_batches"] == 2 and "out of memory; retrying the update in 2 micro-batches" in caplog.text
     for a, b in zip(whole.parameters(), retried.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
@@ -442,24 +426,19 @@ def test_out_of_memory_update_retries_in_halves(monkeypatch, caplog):
 
 def test_nan_in_the_rl_update_is_skipped_then_aborts_after_n_in_a_row(monkeypatch):
     from alignflow.train.rl import NonFiniteLossError
-    before, _ = _one_step("grpo", None)
-    skipped, logs = _one_step("grpo", None, fault="nan:rl:1", monkeypatch=monkeypatch)
+    updated, _, _ = _train("grpo")
+    skipped, (logs,), start = _train("grpo", fault="nan:rl:1", monkeypatch=monkeypatch)
     assert logs["skipped_updates"] == 1
-    for a, b in zip(_tiny_start().parameters(), skipped.parameters()):  # the update was not applied
-        assert torch.equal(a, b)
-    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), skipped.parameters()))
+    assert all(torch.equal(p, start[n]) for n, p in skipped.named_parameters())  # the update was not applied
+    assert any(not torch.equal(a, b) for a, b in zip(updated.parameters(), skipped.parameters()))
     from alignflow.config import CandidateConfig, RLConfig
     from alignflow.models import build_tokenizer
     from alignflow.train.rl import train_candidate
     monkeypatch.setenv("ALIGNFLOW_FAULT", "nan:rl:2,nan:rl:3")  # step 1 fired above (once per process)
     tok = build_tokenizer()
-    with tempfile.TemporaryDirectory() as tmp, pytest.raises(NonFiniteLossError, match="2 non-finite losses/gradients in a row at step 3"):
+    expected = "2 non-finite losses/gradients in a row at step 3"
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(NonFiniteLossError, match=expected):
         train_candidate(_tiny(tok), tok, CandidateConfig(name="t", algorithm="grpo", steps=3, checkpoints=[3]), 0,
                         RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4), ["1+2=?", "3+4=?"], ["3", "7"],
                         Path(tmp), on_log=lambda s, m: None, reward_fn=length_reward, max_nonfinite=2)
 
-
-def _tiny_start():
-    from alignflow.models import build_tokenizer
-    torch.manual_seed(0)
-    return _tiny(build_tokenizer())
