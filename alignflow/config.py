@@ -81,6 +81,16 @@ class BaseConfig(Strict):
         return self
 
 
+class LoraSettings(Strict):
+    """LoRA through peft: only the adapters train; the stage's output is the merged model."""
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+
+
 class SFTConfig(Strict):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -89,6 +99,7 @@ class SFTConfig(Strict):
     stop_at_accuracy: float | None = Field(
         0.5, ge=0, le=1, description="stop once greedy validation accuracy reaches this (null: run all steps)")
     checkpoint_every: int = Field(50, ge=1)
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
 
 
 class TeacherConfig(Strict):
@@ -129,6 +140,7 @@ class RLConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     micro_batch_size: int | None = Field(None, ge=1, description=(
         "responses per forward/backward of the update (gradients accumulated; None = the whole batch); "
         "an out-of-memory update is retried with half as many"))

@@ -42,6 +42,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, return_entropy: bool = False):
     """Log-prob of each of the last `completion_len` tokens given everything before it. -> [B, T]
     Only the completion positions' logits are materialised (never the full [B, L, vocab] in fp32)."""
+    from alignflow.train.lora import backbone
+    model = backbone(model)  # under peft, the adapters sit inside the backbone's layers
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     logits = model.lm_head(hidden[:, -completion_len - 1:-1]).float() / temperature   # [B, T, V]

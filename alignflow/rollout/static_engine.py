@@ -53,6 +53,8 @@ class StaticCacheEngine:
         of three and two; +2/3 of the MLP weights in memory). The copies are refreshed by `sync` and whenever an
         in-place update of the model's parameters is seen (their version counters), and the probe that `sync`
         verifies runs through them."""
+        from alignflow.train import lora
+        model = lora.merged(model)  # a LoRA policy: sample from a merged copy, refreshed by every sync
         self.spec = fast.decoder_spec(model)
         model_dtype = next(model.parameters()).dtype
         if dtype is not None and dtype != model_dtype:
@@ -380,9 +382,10 @@ class StaticCacheEngine:
     def sync(self, trainer_model) -> float:
         """Copy the trainer's weights in (in place: CUDA graphs keep their pointers), then verify them: the engine's
         probe log-probs must match the trainer's within `tolerance`, else WeightSyncError. Returns max |diff|."""
+        from alignflow.train import lora
         with torch.no_grad():
             if trainer_model is not self.model:
-                self.model.load_state_dict(trainer_model.state_dict())
+                self.model.load_state_dict(lora.merged(trainer_model).state_dict())
             if self.fuse_weights:
                 self._refresh_fused(force=True)
             probe = self.probe.to(next(trainer_model.parameters()).device)

@@ -10,7 +10,7 @@ import torch
 from alignflow import models
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
-from alignflow.train import distributed, rl, supervised
+from alignflow.train import distributed, lora, rl, supervised
 from alignflow.stage import StageContext, read_split
 
 
@@ -40,6 +40,8 @@ def supervised_finetune(ctx: StageContext) -> dict:
     """SFT on the demonstrations (chat template, loss on response tokens), stopping in the configured band."""
     cfg = ctx.cfg.sft
     model, tokenizer = models.load(ctx.layout.base, ctx.cfg.device)
+    if cfg.lora:
+        model = lora.wrap(model, cfg.lora)
     demos = read_split(ctx.layout.curated, "sft")
     n_val = min(200, len(demos) // 5)  # the last rows validate; eval/ood stay untouched for `evaluate`
     train, val = demos.iloc[:-n_val], demos.iloc[-n_val:]
@@ -101,6 +103,8 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
     done = ckpt / "done"
     if not done.exists():
         model, tokenizer = models.load(ctx.layout.sft, ctx.cfg.device)
+        if ctx.cfg.rl.lora:
+            model = lora.wrap(model, ctx.cfg.rl.lora)
         prompts = read_split(ctx.layout.curated, "rl")
         rl.train_candidate(
             model, tokenizer, cand, seed, ctx.cfg.rl, prompts["prompt"].tolist(), prompts["answer"].astype(str).tolist(),

@@ -73,9 +73,7 @@ def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn
                          completion_mask=completions.completion_mask, rewards=torch.tensor(rewards),
                          group_ids=completions.prompt_index, old_logprobs=completions.logprobs,
                          rollout_logprobs=completions.logprobs, prompts=list(prompts))
-    solved = batch.rewards.view(len(prompts), cfg.group_size).max(-1).values > 0
     return batch, {"reward": float(batch.rewards.mean()), "reward_errors": reward_errors,
-                   "zero_reward_groups": float((~solved).float().mean()),  # no learning signal for group baselines
                    "completion_len": float(completions.completion_mask.sum(-1).float().mean())}
 
 
@@ -272,7 +270,10 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         # ---- rollout (the preset's hook) and reward
         source.reward_errors = 0
         batch, metrics = ROLLOUTS[algo.rollout](source, hp)
+        best = torch.zeros(batch.n_groups).scatter_reduce(0, batch.group_ids.cpu(), batch.rewards.float(), "amax",
+                                                          include_self=False)
         metrics.update(reward=float(batch.rewards.mean()), reward_errors=source.reward_errors,
+                       zero_reward_groups=float((best <= 0).float().mean()),  # no group-relative signal there
                        completion_len=float(batch.completion_mask.sum(-1).float().mean()))
         if "expert" in inputs:
             n_expert = max(1, round(hp["expert_share"] / (1 - hp["expert_share"]) * len(batch.rewards)))
