@@ -40,19 +40,18 @@ from alignflow.rewards import accuracy_reward  # noqa: E402
 from alignflow.train import rl  # noqa: E402
 
 PROMPTS, GROUP, LR = 8, 8, 1e-4
-NEW_TOKENS = 32  # --new-tokens
 SHAPES = {"tiny": TinyModelConfig(),  # Qwen2.5-0.5B's decoder shape (our char-level vocabulary instead of 151,936)
           "0.5b": TinyModelConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864)}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 FLOP/s (datasheet)
 
 
-def load_policy(path: str | None, shape: str, device: str):
+def load_policy(path: str | None, shape: str, device: str, new_tokens: int):
     if path and (Path(path) / "config.json").exists():
         model, tok = models.load(path)
     else:
         tok = models.build_tokenizer()
         torch.manual_seed(0)
-        model = models.build_tiny_model(tok, SHAPES[shape], max_positions=64 + NEW_TOKENS)
+        model = models.build_tiny_model(tok, SHAPES[shape], max_positions=64 + new_tokens)
     return model.to(models.resolve_device(device)), tok
 
 
@@ -66,11 +65,11 @@ def task_rows(n: int = 512):
     return [r["prompt"] for r in rows], [r["answer"] for r in rows]
 
 
-def bench_alignflow(model, tok, steps: int, engine_name: str) -> tuple[float, dict]:
+def bench_alignflow(model, tok, steps: int, engine_name: str, new_tokens: int) -> tuple[float, dict]:
     """The real loop's pieces, timed per phase (the same calls train_candidate makes)."""
     from alignflow.rollout import make_engine, token_logprobs
     prompts, answers = task_rows()
-    cfg = RLConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS)
+    cfg = RLConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=new_tokens)
     algo = ALGORITHMS["grpo"]
     hp = algo.hparams({})
     device = model.device
@@ -124,7 +123,7 @@ def bench_alignflow(model, tok, steps: int, engine_name: str) -> tuple[float, di
         "step": mean_step, "completion_tokens": statistics.mean(tokens[1:]), "max_sync_diff": max(sync_diffs)}
 
 
-def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
+def bench_trl(model, tok, steps: int, new_tokens: int) -> tuple[float, dict]:
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -157,7 +156,7 @@ def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-                          max_completion_length=NEW_TOKENS, max_steps=steps + 1, learning_rate=LR, beta=0.0,
+                          max_completion_length=new_tokens, max_steps=steps + 1, learning_rate=LR, beta=0.0,
                           temperature=1.0, top_k=0, num_iterations=1, logging_steps=1, report_to="none",
                           use_cpu=model.device.type == "cpu", bf16=model.device.type == "cuda", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                           lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, seed=0)
@@ -169,7 +168,6 @@ def bench_trl(model, tok, steps: int) -> tuple[float, dict]:
 
 
 def main() -> int:
-    global NEW_TOKENS
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(ROOT / "models/tiny/sft"))
     parser.add_argument("--steps", type=int, default=6)
@@ -177,22 +175,21 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--engine", default="transformers", choices=["transformers", "static"])
     parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model built when --model is absent")
-    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    NEW_TOKENS = args.new_tokens
-    model, tok = load_policy(args.model, args.shape, args.device)
+    model, tok = load_policy(args.model, args.shape, args.device, args.new_tokens)
     n_params = sum(p.numel() for p in model.parameters())
-    ours, phases = bench_alignflow(model, tok, args.steps, args.engine)
+    ours, phases = bench_alignflow(model, tok, args.steps, args.engine, args.new_tokens)
     del model
-    model, tok = load_policy(args.model, args.shape, args.device)  # TRL starts from the same weights
-    theirs, trl_phases = bench_trl(model, tok, args.steps)
+    model, tok = load_policy(args.model, args.shape, args.device, args.new_tokens)  # TRL starts from the same weights
+    theirs, trl_phases = bench_trl(model, tok, args.steps, args.new_tokens)
     import trl
     on_cuda = args.device == "cuda"
     device = torch.cuda.get_device_name(0) if on_cuda else platform.processor() or platform.machine()
     result = {"peer": f"trl {trl.__version__} GRPOTrainer", "device": device,
               "threads": torch.get_num_threads(), "engine": args.engine, "parameters": n_params,
               "model": args.model if Path(args.model).exists() else f"{args.shape} shape (random init)",
-              "batch": {"prompts": PROMPTS, "completions_per_prompt": GROUP, "max_new_tokens": NEW_TOKENS},
+              "batch": {"prompts": PROMPTS, "completions_per_prompt": GROUP, "max_new_tokens": args.new_tokens},
               "alignflow_completions_per_s": round(ours, 2), "trl_completions_per_s": round(theirs, 2),
               "ratio": round(ours / theirs, 3), "ratio_vs_trl": round(ours / theirs, 3),
               "phases_s": {"alignflow": {k: round(v, 4) for k, v in phases.items()},

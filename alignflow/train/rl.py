@@ -10,7 +10,6 @@ outs), and the candidate snapshots are kept there too until the stage copies the
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import shutil
 import time
@@ -23,14 +22,13 @@ from tqdm.auto import tqdm
 
 from alignflow import checkpoint, faults
 from alignflow.train import distributed
+from alignflow.train.memory import retry_in_halves
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES, ROLLOUTS, RewardHistory, RolloutBatch
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
 from alignflow.models import chat_prompt, save
 from alignflow.rewards import accuracy_reward, safe_rewards
 from alignflow.rollout import Sampling, make_engine, token_logprobs
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,8 +259,8 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
     mask_dtype, nonfinite_in_row, skipped = torch.float32, 0, 0
-    rows = cfg.prompts_per_step * cfg.group_size // distributed.world_size()
-    micro_batches = math.ceil(rows / cfg.micro_batch_size) if cfg.micro_batch_size else 1
+    rows_per_rank = cfg.prompts_per_step * cfg.group_size // distributed.world_size()
+    micro_batches = math.ceil(rows_per_rank / cfg.micro_batch_size) if cfg.micro_batch_size else 1
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
                disable=not distributed.is_main())
     for step in bar:
@@ -289,21 +287,9 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
         for _ in range(cfg.ppo_epochs):
-            while True:  # out of memory: retry in twice as many micro-batches (the same effective batch)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    loss, loss_metrics = _policy_loss_backward(scorer, batch, adv, mask, algo, hp, cfg, micro_batches,
-                                                               ("rl", step + 1))
-                    break
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if micro_batches >= len(batch.rewards):
-                        raise
-                    micro_batches *= 2
-                    log.warning("rl step %d: out of memory; retrying the update in %d micro-batches", step + 1,
-                                micro_batches)
-                    if model.device.type == "cuda":
-                        torch.cuda.empty_cache()
+            (loss, loss_metrics), micro_batches = retry_in_halves(
+                lambda k: _policy_loss_backward(scorer, batch, adv, mask, algo, hp, cfg, k, ("rl", step + 1)),
+                micro_batches, len(batch.rewards), optimizer, f"rl step {step + 1}")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
                 nonfinite_in_row, skipped = nonfinite_in_row + 1, skipped + 1

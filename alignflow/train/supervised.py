@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from alignflow import checkpoint, faults
 from alignflow.models import chat_prompt
+from alignflow.train.memory import retry_in_halves
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -111,20 +112,9 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
     for step in bar:
         batch = {k: v.to(device) for k, v in next_batch().items()}
-        optimizer.zero_grad(set_to_none=True)
-        while True:  # an out-of-memory step is retried in twice as many micro-batches (same effective batch)
-            try:
-                loss = _accumulate(model, batch, micro_batches, lambda: autocast(device.type, precision), desc,
-                                   step + 1)
-                break
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if micro_batches >= len(batch["input_ids"]):
-                    raise
-                micro_batches *= 2
-                log.warning("%s step %d: out of memory; retrying in %d micro-batches", desc, step + 1, micro_batches)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        loss, micro_batches = retry_in_halves(
+            lambda k: _accumulate(model, batch, k, lambda: autocast(device.type, precision), desc, step + 1),
+            micro_batches, len(batch["input_ids"]), optimizer, f"{desc} step {step + 1}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             nonfinite_in_row += 1
