@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,16 +37,34 @@ class GeneratorConfig(Strict):
     n_corpus: int = Field(40000, ge=10, description="raw sums in the base model's pre-training corpus")
 
 
+Split = Literal["sft", "rl", "logged", "eval", "ood", "real"]
+ROW_FIELDS = ("prompt", "response", "answer", "messages", "completion")
+
+
 class SourceConfig(Strict):
-    """A user-supplied data file (JSONL, Parquet, or an HF dataset saved with save_to_disk)."""
+    """A user-supplied data file or folder: JSON Lines, Parquet, a `datasets` save_to_disk directory (Dataset or
+    DatasetDict), or a folder of data files that `datasets.load_dataset` reads."""
     path: str
-    split: Literal["sft", "rl", "logged", "eval", "ood", "real"] = "sft"
+    split: Split = "sft"
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "our field -> the file's column, e.g. {prompt: question, answer: solution}; fields: " + ", ".join(ROW_FIELDS)))
+    dataset_split: str | None = Field(None, description="which split of a DatasetDict / data folder (default: `split`)")
+
+    @model_validator(mode="after")
+    def _known_fields(self):
+        unknown = sorted(set(self.columns) - set(ROW_FIELDS))
+        if unknown:
+            raise ValueError(f"columns: unknown field(s) {unknown}; allowed: {list(ROW_FIELDS)}")
+        return self
 
 
 class CurateConfig(Strict):
     generator: GeneratorConfig | None = Field(default_factory=GeneratorConfig)
     sources: list[SourceConfig] = Field(default_factory=list)
     max_chars: int = Field(1024, ge=8, description="rows whose prompt+response exceed this are quarantined")
+    system_prompt: str | None = Field(None, description="a system message added to every chat that has none")
+    logged_share: float = Field(0.2, gt=0, lt=1, description=(
+        "with no `logged` source: this share of the rl prompts is held out as the logged split"))
 
 
 # ---------------------------------------------------------------- models
@@ -68,6 +86,11 @@ class TinyModelConfig(Strict):
 class BaseConfig(Strict):
     path: str | None = Field(None, description="a local model directory; null trains a tiny model from scratch")
     trust_remote_code: bool = Field(False, description="allow the checkpoint's own Python code (off: safer)")
+    allow_pickle: bool = Field(False, description=(
+        "load .bin (pickle) weights; off: only safetensors (a pickle can run code when loaded)"))
+    chat_template: str | None = Field(None, description=(
+        "a Jinja chat template replacing the tokenizer's (or a file path ending in .jinja); null: the tokenizer's "
+        "own, or a plain 'User:/Assistant:' template when it has none"))
     model: TinyModelConfig = Field(default_factory=TinyModelConfig)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -112,6 +135,31 @@ class TeacherConfig(Strict):
     lr: float = Field(1e-3, gt=0)
 
 
+# ---------------------------------------------------------------- rewards
+class RewardSpec(Strict):
+    """A reward (or metric) function in TRL's convention: `(prompts, completions, **columns) -> list[float | None]`,
+    every dataset column passed as a keyword argument, None = not applicable to that sample."""
+    function: str = Field(description='"path/to/file.py:function" (relative to the project root) or "module:function"')
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the function")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="label in metrics (default: the function's name)")
+    timeout: float = Field(30.0, gt=0, description="seconds one call may take before it counts as failed")
+
+    @model_validator(mode="after")
+    def _function_form(self):
+        target, sep, attr = self.function.rpartition(":")
+        if not sep or not target or not attr.isidentifier():
+            raise ValueError(f"function {self.function!r}: expected 'file.py:function' or 'module:function'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function.rpartition(":")[2]
+
+
+ARITHMETIC_REWARDS = [RewardSpec(function="alignflow.rewards:accuracy_reward")]
+
+
 # ---------------------------------------------------------------- rl
 class CandidateConfig(Strict):
     """One RL run; every (seed, checkpoint) pair becomes a candidate policy named `<name>-s<seed>-<step>`."""
@@ -136,7 +184,11 @@ class RLConfig(Strict):
     candidates: list[CandidateConfig] = Field(default_factory=lambda: [CandidateConfig(name="grpo")], min_length=1)
     prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2, description="responses per prompt (group-relative methods need >= 2)")
-    ppo_epochs: int = Field(1, ge=1)
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch (TRL num_iterations, verl ppo_epochs)")
+    mini_batches: int | None = Field(None, ge=1, description=(
+        "optimizer steps per pass: each rank's rollout rows split into this many mini-batches (TRL "
+        "steps_per_generation, verl train_batch_size / ppo_mini_batch_size); null = the algorithm's default "
+        "(docs/algorithms.md)"))
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -145,6 +197,9 @@ class RLConfig(Strict):
         "responses per forward/backward of the update (gradients accumulated; None = the whole batch); "
         "an out-of-memory update is retried with half as many"))
     checkpoint_every: int = Field(50, ge=1)
+    solution_column: str | None = Field(None, description=(
+        "the data column holding a worked solution (opsd's privileged context, pope's guidance); null: the row's "
+        "demonstration, or the generator's worked steps"))
     engine: Literal["transformers", "static", "vllm"] = Field(
         "transformers", description="rollout engine; static = own decode loop with CUDA graphs (GPU), vllm = own env")
 
@@ -172,7 +227,7 @@ class OPEConfig(Strict):
     ci_alpha: float = Field(0.05, gt=0, lt=1)
     select: SelectionConfig = Field(default_factory=SelectionConfig)
     top_k: int = Field(4, ge=2, description="largest k for SharpeRatio@k")
-    registered_model: str = "alignflow-policy"
+    registered_model: str | None = Field(None, description="MLflow registered model name (null: alignflow-<pipeline>)")
 
     @model_validator(mode="after")
     def _select_is_run(self):
@@ -182,8 +237,9 @@ class OPEConfig(Strict):
 
 
 class EvaluateConfig(Strict):
+    metrics: list[RewardSpec] | None = Field(None, description="metrics by name, each reported per split (null: the rewards)")
     max_new_tokens: int = Field(32, ge=1)
-    value_samples: int = Field(2, ge=1, description="sampled responses per eval prompt for the true value")
+    value_samples: int = Field(2, ge=1, description="sampled responses per eval prompt (mean@k, pass@k with k = this)")
     batch_size: int = Field(500, ge=1)
 
 
@@ -205,6 +261,9 @@ class PipelineConfig(Strict):
         "fp32", description="bf16: autocast for training (fp32 master weights), bf16 weights for inference")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    rewards: list[RewardSpec] | None = Field(None, description=(
+        "the reward: a weighted sum of these functions, used by rl, logged, ope and evaluate (null: the built-in "
+        "arithmetic accuracy, only with curate.generator)"))
     base: BaseConfig = Field(default_factory=BaseConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -217,6 +276,11 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _cross_checks(self):
         from alignflow.algorithms import ALGORITHMS
+        if self.rewards is None and self.curate.generator is None:
+            raise ValueError("rewards: required when curate.generator is null (name your task's reward functions, "
+                             "e.g. [{function: 'rewards/mytask.py:exact_match'}])")
+        if self.rewards is not None and not self.rewards:
+            raise ValueError("rewards: an empty list; name at least one function")
         for i, cand in enumerate(self.rl.candidates):
             if cand.algorithm not in ALGORITHMS:
                 raise ValueError(f"rl.candidates.{i}.algorithm: unknown algorithm {cand.algorithm!r}; "
@@ -232,6 +296,21 @@ class PipelineConfig(Strict):
         if self.ope.top_k > n_candidates:
             raise ValueError(f"ope.top_k = {self.ope.top_k} exceeds the number of candidates ({n_candidates})")
         return self
+
+    @property
+    def reward_specs(self) -> list[RewardSpec]:
+        """The pipeline's reward functions (the built-in arithmetic accuracy for the generator's task)."""
+        return self.rewards if self.rewards is not None else ARITHMETIC_REWARDS
+
+    @property
+    def metric_specs(self) -> list[RewardSpec]:
+        """What evaluate reports per split: evaluate.metrics, else each reward function on its own."""
+        return self.evaluate.metrics if self.evaluate.metrics is not None else self.reward_specs
+
+    @property
+    def is_arithmetic(self) -> bool:
+        """The built-in generated task (its own figures, e.g. steps-consistent, are reported only then)."""
+        return self.curate.generator is not None
 
     def candidate_names(self) -> list[str]:
         return [f"{c.name}-s{seed}-{step}" for c in self.rl.candidates for seed in c.seeds for step in c.checkpoints]
