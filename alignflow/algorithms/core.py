@@ -132,6 +132,8 @@ class Algorithm:
     defaults: dict = field(default_factory=dict)
     paper: str = ""
     rollout: str = "plain"             # a ROLLOUTS name: how a step's rollouts are produced
+    mini_batches: int = 1              # optimizer steps per pass over a rollout batch, as the paper runs it
+                                       # (rl.mini_batches overrides); > 1 makes the ratio leave 1 and the clip bind
 
     def hparams(self, overrides: dict) -> dict:
         unknown = set(overrides) - set(self.defaults)
@@ -201,6 +203,12 @@ def token_sum_norm(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict) -> to
     return (token_loss * mask).sum() / (mask.shape[0] * mask.shape[1])
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of [B, T] values over the mask's generated tokens (a metric: padding never dilutes it)."""
+    mask = mask.to(values.dtype)
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref): ref/pi - log(ref/pi) - 1 (>= 0)."""
     log_ratio = ref_logp - logp
@@ -223,7 +231,7 @@ def add_kl_penalty(loss: torch.Tensor, logp: torch.Tensor, batch: RolloutBatch, 
     """loss + beta * k3 KL(pi || ref) when beta > 0 (the loop then provides ref_logprobs)."""
     if hp.get("beta", 0.0) > 0:
         kl = k3_kl(logp, batch.ref_logprobs)
-        metrics["kl"] = kl.mean().item()
+        metrics["kl"] = masked_mean(kl.detach(), batch.completion_mask)  # over generated tokens, not the padding
         return loss + hp["beta"] * kl
     return loss
 
@@ -234,8 +242,7 @@ def clipped_ratio(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp
     truncated importance sampling (cap C) against the rollout engine's log-probs."""
     ratio = torch.exp(logp - batch.old_logprobs)
     loss, clipped = clip_surrogate(ratio, adv, 1 - hp["clip_eps"], 1 + hp.get("clip_eps_high", hp["clip_eps"]))
-    mask = batch.completion_mask.bool()
-    metrics = {"clip_frac": clipped[mask].float().mean().item()}  # over generated tokens, not the padding
+    metrics = {"clip_frac": masked_mean(clipped.float(), batch.completion_mask)}  # not over the padding
     return add_kl_penalty(loss * tis_weight(batch, hp), logp, batch, hp, metrics), metrics
 
 

@@ -52,5 +52,6 @@ DAPO = register_algorithm(Algorithm(
     name="dapo", summary="clip-higher (0.2/0.28), token mean, dynamic sampling of mixed-reward groups",
     advantage="group_std", policy_loss="clipped_ratio", loss_agg="token_mean", rollout="dynamic_sampling",
     needs=("verifier",), paper="arXiv:2503.14476",
+    mini_batches=16,  # the paper: mini-batch 512 of 512 prompts x 16 responses, "16 gradient updates" per rollout
     defaults={"clip_eps": 0.2, "clip_eps_high": 0.28, "beta": 0.0, "adv_eps": 1e-4, "tis_cap": 2.0,
               "max_refill_tries": 3}))

@@ -21,8 +21,8 @@ dual-clip on negative advantages.
 import torch
 
 from alignflow.algorithms.core import (ADVANTAGES, POLICY_LOSSES, Algorithm, RolloutBatch, add_kl_penalty,
-                                       clip_surrogate, group_stats, per_token, register_algorithm, standardise,
-                                       tis_weight)
+                                       clip_surrogate, group_stats, masked_mean, per_token, register_algorithm,
+                                       standardise, tis_weight)
 
 
 def dynamic_bounds(q: torch.Tensor, eps_low: float, eps_high: float, cap: float = 10.0):
@@ -37,7 +37,8 @@ def dynamic_clip(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp:
     """PPO surrogate clipped to [lower(q), upper(q)], q = pi_old(y_t); TIS and optional KL as clipped_ratio."""
     lower, upper = dynamic_bounds(batch.old_logprobs.exp(), hp["clip_eps"], hp["clip_eps_high"], hp["clip_cap"])
     loss, clipped = clip_surrogate(torch.exp(logp - batch.old_logprobs), adv, lower, upper)
-    metrics = {"clip_frac": clipped.float().mean().item(), "dcpo/upper_mean": upper.mean().item()}
+    metrics = {"clip_frac": masked_mean(clipped.float(), batch.completion_mask),    # generated tokens only
+               "dcpo/upper_mean": masked_mean(upper, batch.completion_mask)}
     return add_kl_penalty(loss * tis_weight(batch, hp), logp, batch, hp, metrics), metrics
 
 
@@ -63,5 +64,6 @@ DCPO = register_algorithm(Algorithm(
     name="dcpo", summary="token-adaptive clip bounds from pi_old, smooth advantage standardisation, token mean",
     advantage="smooth_standardised", policy_loss="dynamic_clip", loss_agg="token_mean",
     needs=("verifier", "history"), paper="arXiv:2509.02333",
+    mini_batches=16,  # DAPO's 16 updates per rollout (DCPO's baseline setup); DCPO's own value unconfirmed
     defaults={"clip_eps": 0.16, "clip_eps_high": 0.2, "clip_cap": 10.0, "beta": 0.0, "adv_eps": 1e-4,
               "tis_cap": 2.0}))

@@ -8,7 +8,7 @@ Algorithm: Demystifying Some Myths About GRPO and Its Friends", arXiv:2509.24203
 Per token: -A_i log pi_theta(y_t) + (tau/2)(s_i - s_i^old)^2; `seq_mean_token_mean` turns the first into
 -A_i s_i and keeps the second, then averages over the batch's responses (= over groups of (1/G) sums).
 tau = 1.0 (Trinity-RFT's default). The quadratic term's gradient tau (s - s_old) grad s is zero on the first
-pass over a batch: it only acts when a batch is reused (ppo_epochs > 1) or the data is off-policy.
+optimizer step on a batch: it acts from the second (mini_batches > 1 or ppo_epochs > 1), or on off-policy data.
 
 Departure: this is the paper's form, not Trinity-RFT's code (-A log pi / (1 + tau), token mean). TIS against the
 engine's log-probs multiplies the linear term, as for every loss here.
@@ -29,7 +29,9 @@ def opmd_loss(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp: di
     mask = batch.completion_mask.float()
     drift = mean_seq_logprob(logp, mask) - mean_seq_logprob(batch.old_logprobs, mask)      # [B]
     token_loss = -adv * logp * tis_weight(batch, hp) + hp["tau"] / 2 * drift[:, None] ** 2
-    return token_loss, {"opmd/drift_sq": (drift ** 2).mean().item()}
+    # |d(proximal term)/d s_i| = tau |s_i - s_old_i|: 0 means the proximal term had no gradient this step
+    return token_loss, {"opmd/drift_sq": (drift ** 2).mean().item(),
+                        "opmd/prox_grad": (hp["tau"] * drift.abs()).mean().item()}
 
 
 OPMD = register_algorithm(Algorithm(
@@ -37,4 +39,5 @@ OPMD = register_algorithm(Algorithm(
                          "sequence log-probs, A = R - mean R",
     advantage="group_mean", policy_loss="opmd", loss_agg="seq_mean_token_mean",
     needs=("verifier",), paper="arXiv:2509.24203",
+    mini_batches=4,  # ours: the proximal term only has a gradient from a batch's second optimizer step on
     defaults={"tau": 1.0, "tis_cap": 2.0}))

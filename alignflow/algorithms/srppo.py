@@ -38,4 +38,5 @@ SRPPO = register_algorithm(Algorithm(
     name="srppo", summary="implicit reward log pi_SFT - log pi_base (no labels), group baseline, PPO-clip + KL to SFT",
     advantage="implicit_reward_group", policy_loss="clipped_ratio", loss_agg="seq_mean_token_mean",
     needs=("ref", "base"), paper="arXiv:2510.21090",
+    mini_batches=4,  # PPO as verl runs it by default (train batch 1024 / mini-batch 256); the paper's unconfirmed
     defaults={"clip_eps": 0.2, "beta": 0.04, "adv_eps": 1e-4, "tis_cap": 2.0, "length_normalise": 0.0}))

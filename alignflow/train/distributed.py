@@ -63,6 +63,21 @@ def mean_across_ranks(value: float, device) -> float:
     return t.item() / world_size()
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces GPU tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def min_across_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (e.g. how many optimizer steps all ranks can take: DDP needs each
+    rank in every all-reduce)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
     """DDP around `module` when running under torchrun (broadcasts rank 0's weights, then all-reduces grads)."""
     if not dist.is_initialized():

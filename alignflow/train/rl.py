@@ -115,9 +115,63 @@ def _policy_loss_backward(scorer, batch: RolloutBatch, adv: torch.Tensor, mask: 
             share = faults.maybe_nan(*where, share) if last else share
             share.backward()
         total += share.detach()
-        for key, value in part_metrics.items():  # row-weighted means of the slices' metrics
-            metrics[key] = metrics.get(key, 0.0) + float(value) * len(rows) / n
+        weight = float(mask[at].sum() / mask.sum().clamp(min=1))  # token-weighted: token metrics stay exact
+        for key, value in part_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value) * weight
     return total, metrics
+
+
+@dataclass
+class _UpdateCounters:
+    """State of the update across steps: rows per forward (None = a whole mini-batch; shrunk after an
+    out-of-memory retry) and non-finite updates skipped (in a row: abort at max_nonfinite; in all)."""
+    slice_rows: int | None = None
+    nonfinite_in_row: int = 0
+    skipped: int = 0
+
+    def skip(self, max_nonfinite: int, step: int) -> None:
+        self.nonfinite_in_row, self.skipped = self.nonfinite_in_row + 1, self.skipped + 1
+        if self.nonfinite_in_row >= max_nonfinite:
+            raise NonFiniteLossError(f"{self.nonfinite_in_row} non-finite losses/gradients in a row at step "
+                                     f"{step + 1}; lower rl.candidates.*.lr or check the reward")
+
+
+def _update(scorer, model, optimizer, scheduler, batch: RolloutBatch, adv, mask, algo, hp: dict, cfg: RLConfig,
+            counters: _UpdateCounters, max_nonfinite: int, step: int) -> dict:
+    """ppo_epochs passes over the rollout batch, each split into mini-batches (contiguous rows, no shuffle, as
+    verl's default) with one optimizer step per mini-batch: TRL's num_iterations x steps_per_generation, verl's
+    ppo_epochs x (train_batch_size / ppo_mini_batch_size). old_logprobs and advantages stay those of the
+    rollout, so after the first step the ratio leaves 1 and the clips bind. A mini-batch is the loss's batch:
+    its aggregation normalises over the mini-batch's own tokens and rows (verl does the same), and the
+    micro-batches inside it accumulate to that exactly. The scheduler steps with the optimizer, never on a
+    skipped (non-finite) update. -> metrics averaged over the optimizer steps"""
+    n = len(batch.rewards)
+    n_mini = distributed.min_across_ranks(min(cfg.mini_batches or algo.mini_batches, n))  # same count on all ranks
+    per_step = []
+    for _ in range(cfg.ppo_epochs):
+        for rows in torch.arange(n).tensor_split(n_mini):
+            mini, at = _rows(batch, rows), rows.to(mask.device)
+            slices = math.ceil(len(rows) / (counters.slice_rows or len(rows)))
+            (loss, loss_metrics), used = retry_in_halves(
+                lambda k: _policy_loss_backward(scorer, mini, adv[at], mask[at], algo, hp, cfg, k, ("rl", step + 1)),
+                slices, len(rows), optimizer, f"rl step {step + 1}")
+            if used > slices:  # out of memory: keep the smaller slices for the rest of the run
+                counters.slice_rows = math.ceil(len(rows) / used)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            per_step.append({"loss": loss.item(), "grad_norm": grad_norm.item(), "micro_batches": used,
+                             **loss_metrics})
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                optimizer.zero_grad(set_to_none=True)
+                counters.skip(max_nonfinite, step)
+                continue
+            counters.nonfinite_in_row = 0
+            optimizer.step()
+            scheduler.step()
+    applied = len(per_step) - sum(not math.isfinite(s["loss"] + s["grad_norm"]) for s in per_step)
+    keys = {k for s in per_step for k in s}
+    means = {k: sum(s[k] for s in per_step if k in s) / sum(k in s for s in per_step) for k in keys}
+    return {**means, "micro_batches": per_step[-1]["micro_batches"], "mini_batches": n_mini,
+            "optimizer_steps": applied, "lr": scheduler.get_last_lr()[0]}
 
 
 class _PromptStream:
@@ -258,9 +312,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     source = _PromptStream(engine, tokenizer, cfg, reward_fn, prompts, answers, solutions, data_gen)
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
-    mask_dtype, nonfinite_in_row, skipped = torch.float32, 0, 0
-    rows_per_rank = cfg.prompts_per_step * cfg.group_size // distributed.world_size()
-    micro_batches = math.ceil(rows_per_rank / cfg.micro_batch_size) if cfg.micro_batch_size else 1
+    mask_dtype, counters = torch.float32, _UpdateCounters(slice_rows=cfg.micro_batch_size)
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
                disable=not distributed.is_main())
     for step in bar:
@@ -285,31 +337,16 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                      engine_is_trainer=getattr(engine, "shares_trainer_weights", False))
         T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
-        # ---- update (ppo_epochs passes over the batch; old_logprobs stay those of the sampling policy)
-        for _ in range(cfg.ppo_epochs):
-            (loss, loss_metrics), micro_batches = retry_in_halves(
-                lambda k: _policy_loss_backward(scorer, batch, adv, mask, algo, hp, cfg, k, ("rl", step + 1)),
-                micro_batches, len(batch.rewards), optimizer, f"rl step {step + 1}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-                nonfinite_in_row, skipped = nonfinite_in_row + 1, skipped + 1
-                optimizer.zero_grad(set_to_none=True)
-                if nonfinite_in_row >= max_nonfinite:
-                    raise NonFiniteLossError(f"{nonfinite_in_row} non-finite losses/gradients in a row at step "
-                                             f"{step + 1}; lower rl.candidates.*.lr or check the reward")
-                continue
-            nonfinite_in_row = 0
-            optimizer.step()
-        scheduler.step()
+        # ---- update: ppo_epochs x mini-batches optimizer steps (old_logprobs stay those of the sampling policy)
+        metrics.update(_update(scorer, model, optimizer, scheduler, batch, adv, mask, algo, hp, cfg, counters,
+                               max_nonfinite, step))
         updated = time.perf_counter()  # loss.item() / grad_norm.item() waited for the backward and the all-reduce
         # ---- weight sync (verified), logging, checkpoints
         tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
-        metrics.update(loss=loss.item(), grad_norm=grad_norm.item(), skipped_updates=skipped,
-                       micro_batches=micro_batches,
+        metrics.update(skipped_updates=counters.skipped,
                        sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
                        rank_max_abs_diff=distributed.check_in_sync(engine.probe_logprobs),
-                       tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item(),
-                       **loss_metrics)
+                       tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item())
         metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
         done = time.perf_counter()  # after the all-reduce of the reward: the slowest rank's step
         metrics.update(step_seconds=done - started, rollout_seconds=rolled_out - started,
@@ -331,7 +368,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     distributed.barrier()  # the last snapshot is written before any rank returns
     getattr(engine, "close", lambda: None)()  # an engine in its own process (vllm) stops here
     snapshots = [ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
-    return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=skipped)
+    return RunResult(snapshots=snapshots, resumed_from=start, skipped_updates=counters.skipped)
 
 
 def publish(snapshots: list[Path], out_dir: Path) -> None:

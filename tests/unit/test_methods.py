@@ -374,7 +374,7 @@ def test_static_engine_drives_the_rl_loop():
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def _train(name: str, steps: int = 1, micro_batch_size=None, fault: str = "", monkeypatch=None):
+def _train(name: str, steps: int = 1, micro_batch_size=None, fault: str = "", monkeypatch=None, **rl):
     """`steps` RL steps of a preset on a tiny model, with a reward that varies within groups. ref = the starting
     point (a copy), base and teacher = other tiny models, so implicit rewards and teacher log-probs are
     non-trivial. -> (model, per-step logs, starting parameters)"""
@@ -397,7 +397,7 @@ def _train(name: str, steps: int = 1, micro_batch_size=None, fault: str = "", mo
         train_candidate(model, tok, CandidateConfig(name="t", algorithm=name, steps=steps, checkpoints=[steps],
                                                     lr=1e-2, seeds=[0]), 0,
                         RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=8,
-                                 micro_batch_size=micro_batch_size), prompts, answers, Path(tmp),
+                                 micro_batch_size=micro_batch_size, **rl), prompts, answers, Path(tmp),
                         on_log=lambda s, m: logs.append(m), reward_fn=length_reward, extra_models=extra,
                         solutions=solutions, expert=list(zip(prompts, solutions)))
     return model, logs, before
@@ -408,8 +408,8 @@ def test_micro_batched_update_equals_one_pass(name):
     """Same rollouts, update in 1 pass vs in slices of 3 responses: same loss and the same (clipped) gradient
     (every loss aggregation is linear in the per-token loss). Gradients, not parameters: Adam's first step is
     ~lr * sign(g), which turns rounding on near-zero gradients into lr-sized differences."""
-    whole, (log_whole,), _ = _train(name)
-    sliced, (log_sliced,), _ = _train(name, micro_batch_size=3)
+    whole, (log_whole,), _ = _train(name, mini_batches=1)     # one optimizer step: its gradient is compared
+    sliced, (log_sliced,), _ = _train(name, micro_batch_size=3, mini_batches=1)
     assert log_whole["micro_batches"] == 1 and log_sliced["micro_batches"] >= 6
     assert log_sliced["loss"] == pytest.approx(log_whole["loss"], rel=1e-5, abs=1e-7)
     for (n, a), b in zip(whole.named_parameters(), sliced.parameters()):
