@@ -5,7 +5,8 @@ import torch
 
 from alignflow import checkpoint
 from alignflow.data.task import generate, worked_steps
-from alignflow.rewards import accuracy_reward, safe_rewards, steps_consistent
+from alignflow.config import RewardSpec
+from alignflow.rewards import RewardSet, accuracy_reward, steps_consistent
 
 
 def test_worked_steps_by_hand():
@@ -19,13 +20,15 @@ def test_rewards():
     assert steps_consistent(["22+13=?", "22+13=?"], ["2+3=5;2+1=3;A:35", "2+3=5;1+1=2;A:35"]) == [1.0, 0.0]
 
 
-def test_reward_exception_is_a_per_sample_error():
-    def flaky(prompts, completions, **kw):
-        if any("boom" in c for c in completions):
-            raise ValueError("boom")
-        return [1.0] * len(completions)
-    rewards, errors = safe_rewards(flaky, ["a", "b", "c"], ["ok", "boom", "ok"])
-    assert rewards == [1.0, 0.0, 1.0] and errors == 1
+def test_reward_exception_is_a_per_sample_error(tmp_path):
+    (tmp_path / "flaky.py").write_text(
+        "def flaky(prompts, completions, **kw):\n"
+        "    if any('boom' in c for c in completions):\n"
+        "        raise ValueError('boom')\n"
+        "    return [1.0] * len(completions)\n")
+    result = RewardSet([RewardSpec(function="flaky.py:flaky")], tmp_path)(["a", "b", "c"], ["ok", "boom", "ok"], {})
+    assert result.total == [1.0, 0.0, 1.0] and result.per_function["flaky"] == [1.0, None, 1.0]
+    assert result.errors == {"flaky": 1}
 
 
 def test_splits_are_disjoint_and_seeded():
