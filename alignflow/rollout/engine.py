@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-class WeightSyncError(RuntimeError):
-    pass
+from alignflow.rollout.sync import SyncRecord, WeightSyncError  # noqa: F401  (WeightSyncError: re-exported)
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class TransformersEngine:
                  tolerance: float = 1e-4):
         self.model, self.tokenizer, self.tolerance = model, tokenizer, tolerance
         self.probe = tokenizer(probe_text, return_tensors="pt")["input_ids"].to(model.device)
+        self._synced = SyncRecord(self.name, model, tolerance)   # the trainer as of the last sync
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:
@@ -95,19 +95,25 @@ class TransformersEngine:
 
     @torch.no_grad()
     def probe_logprobs(self) -> torch.Tensor:
-        mask = torch.ones_like(self.probe)
-        return token_logprobs(self.model, self.probe, mask, self.probe.shape[1] - 1)
+        """The probe scored through the sampling path: the model's own forward (what `generate` calls), not the
+        trainer's `token_logprobs`, at temperature 1. -> [1, L - 1]"""
+        logits = self.model(input_ids=self.probe, attention_mask=torch.ones_like(self.probe)).logits[:, :-1].float()
+        return F.log_softmax(logits, -1).gather(-1, self.probe[:, 1:, None]).squeeze(-1)
 
     def sync(self, trainer_model) -> float:
-        """Load the trainer's weights (shared object here) and verify with the probe; returns max |diff|."""
+        """Nothing to load (the engine samples from the trainer's own object); verify that it does: its probe
+        log-probs match the trainer's and moved with them since the last sync (alignflow.rollout.sync).
+        Returns max |diff|."""
         with torch.no_grad():
             mask = torch.ones_like(self.probe)
             expected = token_logprobs(trainer_model, self.probe, mask, self.probe.shape[1] - 1)
-        diff = (self.probe_logprobs() - expected).abs().max().item()
-        if not diff <= self.tolerance:
-            raise WeightSyncError(f"{self.name} engine log-probs of the probe differ from the trainer's by {diff:.2e} "
-                                  f"(tolerance {self.tolerance:.0e}): the weight sync did not take")
+        diff = self._synced.verify(self.probe_logprobs(), expected)
+        self._synced.record(trainer_model, expected)
         return diff
+
+    def check_synced(self) -> None:
+        """Before sampling: WeightSyncError if the trainer's weights changed since the last sync."""
+        self._synced.check_unchanged()
 
 
 def make_engine(name: str, model, tokenizer):

@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alignflow.rollout.engine import Completions, Sampling, WeightSyncError, token_logprobs
+from alignflow.rollout.engine import Completions, Sampling, token_logprobs
+from alignflow.rollout.sync import SyncRecord
 from alignflow.train import fast
 
 BUCKET = 64
@@ -54,6 +55,7 @@ class StaticCacheEngine:
         in-place update of the model's parameters is seen (their version counters), and the probe that `sync`
         verifies runs through them."""
         from alignflow.train import lora
+        trainer = model
         model = lora.merged(model)  # a LoRA policy: sample from a merged copy, refreshed by every sync
         self.spec = fast.decoder_spec(model)
         model_dtype = next(model.parameters()).dtype
@@ -70,6 +72,7 @@ class StaticCacheEngine:
         tf32 = on_cuda and torch.backends.cuda.matmul.allow_tf32
         default = (1e-2 if tf32 else 1e-4) if self.dtype == torch.float32 else 5e-2
         self.tolerance = tolerance if tolerance is not None else default
+        self._synced = SyncRecord(self.name, trainer, self.tolerance)   # the trainer as of the last sync
         gen = getattr(model, "generation_config", None)
         eos = eos_token_id if eos_token_id != -1 else (tokenizer.eos_token_id if tokenizer is not None else
                                                       getattr(gen, "eos_token_id", None))
@@ -379,19 +382,39 @@ class StaticCacheEngine:
     def probe_logprobs(self) -> torch.Tensor:
         return self.logprobs_of(self.probe)
 
+    @torch.no_grad()
+    def decode_probe(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The probe's first half continued greedily through the path that samples: prefill, then the decode
+        steps (CUDA-graph replays on GPU, the captured graphs of the rollouts' batch size), fused weights and all.
+        -> (ids [1, P + T'] of row 0, log-probs [B, T'] of every row at temperature 1, completion mask [1, T'])"""
+        P = max(1, self.probe.shape[1] // 2)
+        B = self._state["B"] if self._state is not None else 1   # the rollouts' batch size: no re-capture
+        prompt = self.probe[:, :P].expand(B, -1)
+        out = self.generate_ids(prompt, torch.ones_like(prompt), Sampling(self.probe.shape[1] - P, 1.0, greedy=True))
+        return torch.cat([prompt[:1], out["completion"][:1]], 1), out["logprobs"], out["completion_mask"][:1]
+
     def sync(self, trainer_model) -> float:
-        """Copy the trainer's weights in (in place: CUDA graphs keep their pointers), then verify them: the engine's
-        probe log-probs must match the trainer's within `tolerance`, else WeightSyncError. Returns max |diff|."""
+        """Copy the trainer's weights in (in place: CUDA graphs keep their pointers), then verify them against the
+        trainer (alignflow.rollout.sync): the probe through the engine's eager path, and a greedy continuation
+        of it through the decode path that samples. Returns max |diff|."""
         from alignflow.train import lora
         with torch.no_grad():
             if trainer_model is not self.model:
                 self.model.load_state_dict(lora.merged(trainer_model).state_dict())
             if self.fuse_weights:
                 self._refresh_fused(force=True)
-            probe = self.probe.to(next(trainer_model.parameters()).device)
+            trainer_device = next(trainer_model.parameters()).device
+            probe = self.probe.to(trainer_device)
             expected = token_logprobs(trainer_model, probe, torch.ones_like(probe), probe.shape[1] - 1)
-        diff = (self.probe_logprobs() - expected.to(self.device)).abs().max().item()
-        if not diff <= self.tolerance:
-            raise WeightSyncError(f"{self.name} engine log-probs of the probe differ from the trainer's by {diff:.2e} "
-                                  f"(tolerance {self.tolerance:.0e}): the weight sync did not take")
+            ids, decoded, mask = self.decode_probe()
+            ids = ids.to(trainer_device)
+            scored = token_logprobs(trainer_model, ids, torch.ones_like(ids), decoded.shape[1])   # [1, T']
+        keep = mask.bool().expand_as(decoded).to(self.device)
+        sampled = (decoded[keep], scored.to(self.device).expand_as(decoded)[keep])   # every row vs the trainer's
+        diff = self._synced.verify(self.probe_logprobs(), expected, sampled)
+        self._synced.record(trainer_model, expected)
         return diff
+
+    def check_synced(self) -> None:
+        """Before sampling: WeightSyncError if the trainer's weights changed since the last sync."""
+        self._synced.check_unchanged()

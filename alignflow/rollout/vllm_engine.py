@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from alignflow.rollout.engine import Completions, Sampling, WeightSyncError, token_logprobs
+from alignflow.rollout.engine import Completions, Sampling, WeightSyncError, token_logprobs  # noqa: F401
+from alignflow.rollout.sync import SyncRecord
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -154,6 +155,7 @@ class VLLMEngine:
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
         self.max_model_len = int(config.max_position_embeddings)
         self.probe = tokenizer(probe_text, return_tensors="pt")["input_ids"].to(self.device)   # [1, L]
+        self._synced = SyncRecord(self.name, model, self.tolerance)   # the trainer as of the last sync
         self._tmp = Path(tempfile.mkdtemp(prefix="alignflow-vllm-"))
         self._weights_dir: Path | None = None
         self._version = 0
@@ -210,17 +212,33 @@ class VLLMEngine:
         return torch.tensor(self.score(self.probe.tolist()), device=self.device)   # [1, L - 1]
 
     # ---- weights
+    def decode_probe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe's first half continued greedily by vLLM's sampler (decode steps, not prompt_logprobs' prefill).
+        -> (ids [1, P + T'], vLLM's temperature-1 log-probs [1, T'])"""
+        P = max(1, self.probe.shape[1] // 2)
+        prefix = self.probe[0, :P].tolist()
+        out = self._worker.request("generate", prompt_ids=[prefix], n=1, temperature=1.0, greedy=True,
+                                   max_tokens=self.probe.shape[1] - P, eos=self.eos_ids)
+        ids = torch.tensor([prefix + out["token_ids"][0]], device=self.device)
+        return ids, torch.tensor([out["logprobs"][0]], device=self.device)
+
     def sync(self, trainer_model) -> float:
-        """Push the trainer's weights into vLLM, then verify with the probe; returns max |diff|."""
+        """Push the trainer's weights into vLLM, then verify them (alignflow.rollout.sync): the probe's
+        prompt_logprobs, and a greedy continuation through vLLM's decode, against the trainer's log-probs, plus
+        "moved with the trainer since the last sync". Returns max |diff|."""
         self._push_weights(trainer_model)
+        ids, decoded = self.decode_probe()
         with torch.no_grad():
             mask = torch.ones_like(self.probe)
             expected = token_logprobs(trainer_model, self.probe, mask, self.probe.shape[1] - 1).float()
-        diff = (self.probe_logprobs() - expected).abs().max().item()
-        if not diff <= self.tolerance:
-            raise WeightSyncError(f"{self.name} engine log-probs of the probe differ from the trainer's by {diff:.2e} "
-                                  f"(tolerance {self.tolerance:.0e}): the weight sync did not take")
+            scored = token_logprobs(trainer_model, ids, torch.ones_like(ids), decoded.shape[1]).float()
+        diff = self._synced.verify(self.probe_logprobs(), expected, (decoded, scored))
+        self._synced.record(trainer_model, expected)
         return diff
+
+    def check_synced(self) -> None:
+        """Before sampling: WeightSyncError if the trainer's weights changed since the last sync."""
+        self._synced.check_unchanged()
 
     def _push_weights(self, model) -> None:
         self._version += 1

@@ -319,6 +319,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         started = time.perf_counter()
         # ---- rollout (the preset's hook) and reward
         source.reward_errors = 0
+        engine.check_synced()  # the trainer's weights are those of the last verified sync (else WeightSyncError)
         batch, metrics = ROLLOUTS[algo.rollout](source, hp)
         best = torch.zeros(batch.n_groups).scatter_reduce(0, batch.group_ids.cpu(), batch.rewards.float(), "amax",
                                                           include_self=False)
