@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 
 def _rng_state() -> dict:
@@ -36,7 +36,9 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler=None, extra: dic
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    # save_model drops the duplicate names of shared tensors (tied embeddings: lm_head.weight is embed_tokens.weight;
+    # save_file would refuse them with "tensors share memory"); load_model restores them into the same object
+    save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
     torch.save({"step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": _rng_state(), "extra": extra or {}}, tmp / "state.pt")
@@ -56,7 +58,7 @@ def load_latest(ckpt_dir: Path, model, optimizer, scheduler=None) -> dict | None
     if not pointer.exists():
         return None
     path = ckpt_dir / pointer.read_text().strip()
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    load_model(model, str(path / "model.safetensors"), strict=True)
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

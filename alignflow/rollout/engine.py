@@ -67,8 +67,13 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:
+        """`prompts`: rendered chat text (models.chat_prompt), tokenised without added special tokens. A completion
+        ends at the first of ANY eos id (models.eos_ids: the tokenizer's and generation_config's)."""
+        from alignflow.models import after_stop, encode_prompts, eos_ids
         tok, model = self.tokenizer, self.model
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        stops = eos_ids(model, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+        enc = encode_prompts(tok, prompts, model.device)
         ids = enc["input_ids"].repeat_interleave(n, 0)
         mask = enc["attention_mask"].repeat_interleave(n, 0)
         was_training = model.training
@@ -76,17 +81,16 @@ class TransformersEngine:
         kwargs = dict(do_sample=False) if sampling.greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                                      top_k=0, top_p=1.0)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **kwargs)
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=pad,
+                             eos_token_id=stops, **kwargs)
         model.train(was_training)
         completion = out.sequences[:, ids.shape[1]:]                               # [B, T]
         scores = torch.stack(out.scores, 1).float()                                 # [B, T, V] processed logits
         logprobs = F.log_softmax(scores, -1).gather(-1, completion[..., None]).squeeze(-1)
-        # generated tokens: everything up to and including the first EOS
-        is_eos = completion == tok.eos_token_id
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        # generated tokens: everything up to and including the first eos (any of them)
+        after_eos = after_stop(completion, stops)
         completion_mask = (~after_eos).long()
-        completion = completion.masked_fill(after_eos, tok.pad_token_id)
+        completion = completion.masked_fill(after_eos, pad)
         texts = tok.batch_decode(completion, skip_special_tokens=True)
         return Completions(input_ids=torch.cat([ids, completion], 1),
                            attention_mask=torch.cat([mask, completion_mask], 1),

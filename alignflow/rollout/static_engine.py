@@ -74,9 +74,12 @@ class StaticCacheEngine:
         self.tolerance = tolerance if tolerance is not None else default
         self._synced = SyncRecord(self.name, trainer, self.tolerance)   # the trainer as of the last sync
         gen = getattr(model, "generation_config", None)
-        eos = eos_token_id if eos_token_id != -1 else (tokenizer.eos_token_id if tokenizer is not None else
-                                                      getattr(gen, "eos_token_id", None))
-        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        # stop set: every eos id (models.eos_ids: the tokenizer's and generation_config's), or the given id(s)
+        from alignflow.models import eos_ids
+        eos = eos_ids(model, tokenizer) if eos_token_id == -1 else eos_token_id
+        self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
+        self.eos = self.eos_ids[0] if self.eos_ids else None
+        self._eos_t = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         pad = pad_token_id if pad_token_id != -1 else (tokenizer.pad_token_id if tokenizer is not None else
                                                       getattr(gen, "pad_token_id", None))
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
@@ -258,7 +261,7 @@ class StaticCacheEngine:
         st["out_tok"].index_copy_(1, st["t"], tok[:, None])
         st["out_lp"].index_copy_(1, st["t"], lp[:, None])
         if self.eos is not None:
-            fin.logical_or_(tok == self.eos)
+            fin.logical_or_((tok[:, None] == self._eos_t).any(-1))
         st["tok"].copy_(tok)
         st["pos"].add_(1)
         st["col"].add_(1)
@@ -323,7 +326,7 @@ class StaticCacheEngine:
         st["pos"].copy_(mask.sum(-1))
         st["col"].fill_(P)
         st["t"].fill_(1)
-        st["finished"].copy_(tok == self.eos if self.eos is not None else torch.zeros_like(tok, dtype=torch.bool))
+        st["finished"].copy_((tok[:, None] == self._eos_t).any(-1))
         steps, t1 = 1, self._clock()
         for t in range(1, T):
             Sb = min(st["S"], math.ceil((P + t) / BUCKET) * BUCKET)
@@ -337,11 +340,8 @@ class StaticCacheEngine:
         t2 = self._clock()
         completion = st["out_tok"][:, :steps].clone()
         logprobs = st["out_lp"][:, :steps].clone()
-        if self.eos is not None:
-            is_eos = completion == self.eos
-            after = (is_eos.cumsum(-1) - is_eos.long()) > 0
-        else:
-            after = torch.zeros_like(completion, dtype=torch.bool)
+        from alignflow.models import after_stop
+        after = after_stop(completion, self.eos_ids)   # after the first of ANY eos id
         cmask = (~after).long()
         T_out = int(cmask.sum(-1).max()) if B else 0
         self.last_stats = {"steps": steps, "graphs": len(self._graphs), "bucket": BUCKET, "S": st["S"]}
@@ -358,8 +358,9 @@ class StaticCacheEngine:
         return time.perf_counter()
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:
+        from alignflow.models import encode_prompts
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = encode_prompts(tok, prompts)   # rendered chat text: left padding, no added special tokens
         ids = enc["input_ids"].repeat_interleave(n, 0).to(self.device)
         mask = enc["attention_mask"].repeat_interleave(n, 0).to(self.device)
         out = self.generate_ids(ids, mask, sampling)

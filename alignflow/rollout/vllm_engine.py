@@ -152,6 +152,8 @@ class VLLMEngine:
         python = vllm_python()                           # fails early (no temp files) when the env is missing
         dtype = next(model.parameters()).dtype
         self.tokenizer, self.device = tokenizer, next(model.parameters()).device
+        from alignflow.models import eos_ids
+        self.eos_ids = eos_ids(model, tokenizer)         # vLLM's stop_token_ids: every eos id, not only the tokenizer's
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
         self.max_model_len = int(config.max_position_embeddings)
         self.probe = tokenizer(probe_text, return_tensors="pt")["input_ids"].to(self.device)   # [1, L]
@@ -180,16 +182,18 @@ class VLLMEngine:
 
     # ---- rollouts
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> Completions:
+        from alignflow.models import encode_prompts
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = encode_prompts(tok, prompts)               # rendered chat text: no added special tokens (one BOS)
         if enc["input_ids"].shape[1] + sampling.max_new_tokens > self.max_model_len:
             raise ValueError(f"prompt ({enc['input_ids'].shape[1]} tokens) + max_new_tokens "
                              f"({sampling.max_new_tokens}) exceed the model's {self.max_model_len} positions")
         prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
         out = self._worker.request("generate", prompt_ids=prompt_ids, n=n, temperature=sampling.temperature,
-                                   greedy=sampling.greedy, max_tokens=sampling.max_new_tokens, eos=tok.eos_token_id)
+                                   greedy=sampling.greedy, max_tokens=sampling.max_new_tokens, eos=self.eos_ids)
         B, T = len(prompts) * n, max(len(t) for t in out["token_ids"])
-        completion = torch.full((B, T), tok.pad_token_id, dtype=torch.long)      # [B, T] pad after EOS
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
+        completion = torch.full((B, T), pad, dtype=torch.long)                   # [B, T] pad after EOS
         logprobs = torch.zeros(B, T)                                              # [B, T] 0 on padding
         for i, (ids, lps) in enumerate(zip(out["token_ids"], out["logprobs"])):
             completion[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)

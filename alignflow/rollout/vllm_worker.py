@@ -9,7 +9,7 @@ corrupt the channel. Every reply is {"ok": true, ...} or {"ok": false, "error": 
 out: the tokenizer lives on the trainer's side only.
 
     ready     (sent once the engine is up)   -> {"ok", "init_s", "vllm"}
-    generate  {prompt_ids, n, temperature, greedy, max_tokens, eos}
+    generate  {prompt_ids, n, temperature, greedy, max_tokens, eos (an id or a list: every stop id)}
               -> {"token_ids": [[...]] * len(prompt_ids) * n, prompt-major, "logprobs": same shape}
     score     {ids: [[...]]}   -> {"logprobs": [[log p(ids[i][t] | ids[i][:t]) for t >= 1]]}  (temperature 1)
     load      {path}           -> {"tensors", "load_s"}   reload weights from a checkpoint dir, then reset prefix cache
@@ -38,7 +38,8 @@ def _generate(llm, req):
     if req["greedy"]:   # vLLM refuses n > 1 with greedy sampling: n copies of each prompt instead (same result)
         n, prompt_ids = 1, [ids for ids in prompt_ids for _ in range(n)]
     params = SamplingParams(n=n, temperature=0.0 if req["greedy"] else req["temperature"], top_k=-1, top_p=1.0,
-                            max_tokens=req["max_tokens"], logprobs=0, stop_token_ids=[req["eos"]], detokenize=False)
+                            max_tokens=req["max_tokens"], logprobs=0, detokenize=False,
+                            stop_token_ids=list(req["eos"]) if isinstance(req["eos"], list) else [req["eos"]])
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     token_ids, logprobs = [], []
     for out in outs:                                               # prompt order
