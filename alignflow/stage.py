@@ -57,7 +57,9 @@ def read_split(curated: Path, split: str):
     parquet = curated / f"{split}.parquet"
     if parquet.exists() and importlib.util.find_spec("pyarrow"):
         return pd.read_parquet(parquet)
-    return pd.read_json(curated / f"{split}.jsonl", lines=True, dtype={"answer": str, "response": str})
+    # JSON text columns (messages, columns) and answers stay strings, not parsed or cast to numbers
+    text = {c: str for c in ("prompt", "messages", "response", "answer", "columns")}
+    return pd.read_json(curated / f"{split}.jsonl", lines=True, dtype=text)
 
 
 def open_stage(name: str, pipeline: str, inputs: list[str]) -> StageContext:
