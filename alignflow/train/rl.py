@@ -234,6 +234,9 @@ def _step_ids(batch: RolloutBatch, is_separator: torch.Tensor) -> torch.Tensor:
     return sep.cumsum(-1) - sep
 
 
+MODELS_OWN_TEMPERATURE = 1.0   # reference / base / teacher / privileged log-probs: the models' own distributions
+
+
 def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: ExtraModels, tokenizer, cfg: RLConfig,
                  solution_of: dict, history: RewardHistory | None, is_separator, engine_is_trainer: bool = False) -> None:
     T, ids, attention = batch.completion_len, batch.input_ids, batch.attention_mask
@@ -247,15 +250,18 @@ def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: Extr
             batch.old_logprobs, batch.entropy = scored if "entropy" in inputs else (scored, None)
         if batch.is_expert is not None:  # demonstrations were not sampled by the engine: nothing to correct
             batch.rollout_logprobs = torch.where(batch.is_expert[:, None], batch.old_logprobs, batch.rollout_logprobs)
+        # frozen models (and the privileged teacher below) score at temperature 1, their own distributions (SRPPO's
+        # implicit reward, G-OPD's teacher, the KL's reference); the policy's log-probs above are at the sampling
+        # temperature, the distribution the ratio's pi_old sampled from (as TRL)
         for need in ("ref", "base", "teacher"):
             if need in inputs:
-                scores = token_logprobs(getattr(extra, need), ids, attention, T, cfg.temperature)
+                scores = token_logprobs(getattr(extra, need), ids, attention, T, MODELS_OWN_TEMPERATURE)
                 setattr(batch, f"{need}_logprobs", scores)
         if "privileged" in inputs:
             shown = [PRIVILEGED_TEMPLATE.format(prompt=p, solution=solution_of[p]) for p in batch.prompts]
             contexts = [shown[int(g)] for g in batch.group_ids]
             priv_ids, priv_attention = _with_prompts(tokenizer, contexts, ids[:, -T:], attention[:, -T:])
-            batch.privileged_logprobs = token_logprobs(model, priv_ids, priv_attention, T, cfg.temperature)
+            batch.privileged_logprobs = token_logprobs(model, priv_ids, priv_attention, T, MODELS_OWN_TEMPERATURE)
     if "steps" in inputs:
         batch.step_ids = _step_ids(batch, is_separator)
     if "history" in inputs:
