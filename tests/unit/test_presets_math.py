@@ -118,7 +118,8 @@ def test_dapo_clip_higher_token_mean():
 def test_dapo_asymmetric_clip_case():
     """rho = e^0.22 = 1.246 with A > 0: inside DAPO's [0.8, 1.28] (counts as is), outside GRPO's [0.8, 1.2]."""
     one = RolloutBatch(input_ids=torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3),
-                       completion_mask=torch.ones(1, 1), rewards=torch.zeros(1), group_ids=torch.zeros(1, dtype=torch.long),
+                       completion_mask=torch.ones(1, 1), rewards=torch.zeros(1),
+                       group_ids=torch.zeros(1, dtype=torch.long),
                        old_logprobs=torch.zeros(1, 1), rollout_logprobs=torch.zeros(1, 1))
     logp, adv = torch.full((1, 1), 0.22), torch.ones(1, 1)
     dapo, m_dapo = POLICY_LOSSES["clipped_ratio"](logp, one, adv, ALGORITHMS["dapo"].hparams({}))
@@ -189,7 +190,8 @@ def test_opmd_reinforce_plus_proximal_term():
 def test_asymre_shifted_baseline_with_importance_weight():
     adv = [a + 0.1 for a in group_advantage(REWARDS, GROUPS, False)]           # R - (mean - 0.1)
     losses = [[-adv[i] * LOGP[i][t] * TIS[i][t] for t in range(T)] for i in range(B)]
-    assert wired_loss("asymre", make_batch())[0].item() == pytest.approx(seq_mean_token_mean(losses), rel=1e-5, abs=1e-7)
+    expected = seq_mean_token_mean(losses)
+    assert wired_loss("asymre", make_batch())[0].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_empg_entropy_modulated_steps():
@@ -306,6 +308,7 @@ def test_loop_scores_the_reference_model_at_t1_and_the_policy_at_the_sampling_te
                  tok, RLConfig(temperature=0.5), {}, None, None)
     with torch.no_grad():
         for name, model in (("ref", ref), ("base", base), ("teacher", teacher)):
-            torch.testing.assert_close(getattr(batch, f"{name}_logprobs"), token_logprobs(model, ids, attention, 3, 1.0))
+            own = token_logprobs(model, ids, attention, 3, 1.0)
+            torch.testing.assert_close(getattr(batch, f"{name}_logprobs"), own)
         assert not torch.allclose(batch.ref_logprobs, token_logprobs(policy, ids, attention, 3, 1.0), atol=1e-3)
         torch.testing.assert_close(batch.old_logprobs, token_logprobs(policy, ids, attention, 3, 0.5))

@@ -1,4 +1,4 @@
-"""The update of the RL loop (alignflow/train/rl.py `_update`): mini-batch PPO epochs against a hand-written
+"""The update of the RL loop (alignflow/train/update.py): mini-batch PPO epochs against a hand-written
 sequence of optimizer steps on a toy policy, the scheduler's count, skipped updates, and the mechanisms that only
 act from a rollout's second optimizer step (the clip, OPMD's proximal term)."""
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from alignflow.algorithms import ALGORITHMS, RolloutBatch
 from alignflow.config import RLConfig
-from alignflow.train.rl import _update, _UpdateCounters, NonFiniteLossError
+from alignflow.train.update import NonFiniteLossError, UpdateCounters, update_policy
 
 V, T = 5, 3
 
@@ -44,9 +44,9 @@ def run_update(policy, cfg, lr=2.0, algo="grpo", step=0, max_nonfinite=5):
     optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     algorithm = ALGORITHMS[algo]
-    metrics = _update(policy, policy, optimizer, scheduler, batch, adv, MASK.float(), algorithm,
-                      algorithm.hparams({}), cfg, _UpdateCounters(slice_rows=cfg.micro_batch_size), max_nonfinite,
-                      step)
+    metrics = update_policy(policy, policy, optimizer, scheduler, batch, adv, MASK.float(), algorithm,
+                            algorithm.hparams({}), cfg, UpdateCounters(slice_rows=cfg.micro_batch_size), max_nonfinite,
+                            step)
     return metrics, scheduler, batch, adv
 
 
@@ -107,7 +107,7 @@ def test_a_skipped_update_does_not_step_the_scheduler_or_the_weights(monkeypatch
     metrics, scheduler, _, _ = run_update(policy, RLConfig(mini_batches=1), step=900)
     assert metrics["optimizer_steps"] == 0 and scheduler.last_epoch == 0
     assert torch.equal(policy.w.detach(), start)
-    counters = _UpdateCounters(nonfinite_in_row=1)
+    counters = UpdateCounters(nonfinite_in_row=1)
     with pytest.raises(NonFiniteLossError, match="2 non-finite"):
         counters.skip(2, 910)
 
