@@ -4,7 +4,7 @@
     alignflow stage NAME --pipeline P                         one stage (what dvc.yaml's cmd calls)
     alignflow validate-data PATH... [--quarantine FILE]       the curate checks, standalone
     alignflow algorithms                                      the registered RL methods
-    alignflow check-config                                    validate pipelines.yaml and exit
+    alignflow check-config [--pipeline NAME]                  validate pipelines.yaml (and pre-flight a pipeline)
     alignflow infra up|down|status [--database-url URL]       the scaled mode's servers and workers (docs/scaling.md)
     alignflow vllm-env                                        build .venv-vllm for `rl.engine: vllm` (docs/vllm.md)
 """
@@ -39,9 +39,11 @@ def _no_heartbeat():
 
 def cmd_run(args) -> int:
     from alignflow.layout import find_root, run_lock
-    from flows.post_training import check_request, post_training
+    from flows.post_training import check_request, post_training, preflight
     root = find_root()
     check_request(root, args.pipeline, args.set or [])  # config errors before any work starts
+    if not args.set:  # with overrides the flow pre-flights once they are applied
+        preflight(root, args.pipeline)
     with run_lock(root), _no_heartbeat():
         post_training(pipeline=args.pipeline, overrides=args.set or [])
     print(f"done: metrics/{args.pipeline}/evaluate.json, reports/{args.pipeline}/report.html")
@@ -116,9 +118,35 @@ def cmd_export_splits(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    """Validate pipelines.yaml; with --pipeline also pre-flight that pipeline's model, rewards and data."""
+    import json
+
+    from alignflow import preflight
     from alignflow.config import load_project
     project = load_project(Path(args.config))
-    print(f"ok: pipelines {sorted(project.pipelines)}, tracked {project.tracked}")
+    if not args.pipeline:
+        print(f"ok: pipelines {sorted(project.pipelines)}, tracked {project.tracked}")
+        return 0
+    if args.pipeline not in project.pipelines:
+        print(f"error: --pipeline {args.pipeline!r}: unknown; defined: {sorted(project.pipelines)}", file=sys.stderr)
+        return 2
+    root = Path(args.config).resolve().parent
+    problems, summary = preflight.check(root, args.pipeline, project.pipelines[args.pipeline])
+    print(json.dumps(summary, indent=2, default=str))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"ok: pipeline {args.pipeline!r}: model, rewards and data pass the pre-flight")
+    return 1 if problems else 0
+
+
+def cmd_fingerprint(args) -> int:
+    """dvc.yaml's external@<pipeline>: fingerprint the checkpoints and reward files pipelines.yaml names."""
+    from alignflow import fingerprint
+    from alignflow.config import load_pipeline
+    from alignflow.layout import find_root
+    root = find_root()
+    print(fingerprint.write(root, args.pipeline, load_pipeline(args.pipeline, root / "pipelines.yaml")))
     return 0
 
 
@@ -184,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export-splits", help="JSON Lines copies of curated splits (for a box without pyarrow)")
     p.add_argument("--pipeline", default="tiny")
     p.set_defaults(fn=cmd_export_splits)
-    p = sub.add_parser("check-config", help="validate pipelines.yaml")
+    p = sub.add_parser("check-config", help="validate pipelines.yaml; --pipeline NAME: pre-flight its model, rewards, data")
     p.add_argument("--config", default="pipelines.yaml")
+    p.add_argument("--pipeline", help="also load the model and tokenizer, render a prompt, call the rewards")
     p.set_defaults(fn=cmd_check_config)
+    p = sub.add_parser("fingerprint", help="fingerprint external checkpoints and reward files (dvc.yaml calls this)")
+    p.add_argument("--pipeline", default="tiny")
+    p.set_defaults(fn=cmd_fingerprint)
     p = sub.add_parser("infra", help="start/stop/show the scaled mode's server set (no containers)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--root", help="project root (default: the current directory)")

@@ -19,6 +19,8 @@ class Layout:
     @property
     def curated(self) -> Path: return self._p("data", self.pipeline, "curated")
     @property
+    def external_fingerprint(self) -> Path: return self._p("data", self.pipeline, "external.json")
+    @property
     def base(self) -> Path: return self._p("models", self.pipeline, "base")
     @property
     def sft(self) -> Path: return self._p("models", self.pipeline, "sft")
@@ -62,11 +64,12 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> None:
+    """rows as CSV (atomically); `header` names the columns when there are no rows."""
     import csv
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys = list(dict.fromkeys(k for row in rows for k in row)) or list(header or [])
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()

@@ -25,11 +25,13 @@ def _png(fig) -> str:
 
 def _curves(layout: Layout) -> list[str]:
     figs = []
-    for name, y in (("base_curve", ["loss"]), ("sft_curve", ["loss", "val_accuracy"]), ("rl_curve", ["reward"])):
+    for name, y in (("base_curve", ["loss"]), ("sft_curve", ["loss", "val_score"]), ("rl_curve", ["reward"])):
         path = layout.metrics / f"{name}.csv"
         if not path.exists():
             continue
         df = pd.read_csv(path)
+        if df.empty:  # e.g. the base curve of a given checkpoint (nothing trained)
+            continue
         fig, axes = plt.subplots(1, len(y), figsize=(5 * len(y), 3.2), squeeze=False)
         for ax, col in zip(axes[0], y):
             groups = df.groupby("run") if "run" in df else [(name, df)]
@@ -76,12 +78,35 @@ def _sharpe(layout: Layout, selection: dict) -> str:
     return _png(fig)
 
 
+def _metric_rows(metrics: dict) -> list[dict]:
+    """One row per (policy, split, metric): greedy mean, and mean@k / pass@k where sampled."""
+    return [{"policy": policy, "split": split, "metric": label, **figures}
+            for policy, per_split in metrics.get("metrics", {}).items()
+            for split, per_metric in per_split.items() for label, figures in per_metric.items()]
+
+
+def _metric_bars(metrics: dict, champion: str) -> str:
+    """The eval split's greedy metrics for base -> SFT -> champion: the figure a user looks for first."""
+    policies = [p for p in ("base", "sft", champion) if p in metrics.get("metrics", {})]
+    labels = sorted({m for p in policies for m in metrics["metrics"][p]["eval"]})
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(labels) * len(policies) / 2), 3.2))
+    width = 0.8 / max(1, len(policies))
+    for i, policy in enumerate(policies):
+        values = [metrics["metrics"][policy]["eval"].get(m, {}).get("greedy") or 0.0 for m in labels]
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=policy)
+    ax.set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(labels))], labels)
+    ax.set(title="eval split, greedy", ylabel="mean")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
-                                     for v in r.values()) + "</tr>" for r in rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (greedy vs sampled figures)
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+    cell = lambda v: f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v if v is not None else ''))}</td>"  # noqa: E731
+    body = "".join("<tr>" + "".join(cell(r.get(k)) for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -101,6 +126,8 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
         f"behaviour value {metrics['behavior_value']:.3f}; promoted: {ope_out['promoted']} "
         f"({html.escape(ope_out['promotion_reason'])}).</p>",
         "<h2>Policies (true values)</h2>", _table(policies),
+        "<h2>Metrics: base, SFT, champion</h2>", _metric_bars(metrics, metrics["champion"]),
+        _table(_metric_rows(metrics)),
         "<h2>Learning curves</h2>", *_curves(layout),
         "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
         "<h2>Selection quality: SharpeRatio@k per estimator</h2>", _sharpe(layout, selection), _table(sel_rows),

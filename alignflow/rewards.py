@@ -421,6 +421,16 @@ class RewardSet:
             self.functions.append(f)
         self.labels: list[str] = [f.label for f in self.functions]
 
+    @classmethod
+    def of(cls, fn: Callable, weight: float = 1.0) -> "RewardSet":
+        """One function object (not named in a config), e.g. `RewardSet.of(accuracy_reward)` in tests and benches."""
+        self = cls.__new__(cls)
+        name = getattr(fn, "__name__", "reward")
+        self.specs, self.root, self.key = [], Path.cwd(), "rewards"
+        self.functions = [_Function.of(fn, label=name, function=name, weight=weight)]
+        self.labels = [name]
+        return self
+
     @staticmethod
     def _check_kwargs(where: str, f: _Function) -> None:
         reserved = {"prompts", "completions"} & set(f.kwargs)

@@ -41,6 +41,18 @@ class StageContext:
                          sort_keys=True, default=str)
         return self.layout.checkpoints(self.name) / hashlib.sha256(key.encode()).hexdigest()[:12]
 
+    @cached_property
+    def rewards(self):
+        """The pipeline's reward (rewards.RewardSet): RL's reward, the logged value, what OPE estimates, evaluate's."""
+        from alignflow.rewards import RewardSet
+        return RewardSet(self.cfg.reward_specs, self.root)
+
+    @cached_property
+    def metrics(self):
+        """What evaluate reports per split (evaluate.metrics, default the reward's functions)."""
+        from alignflow.rewards import RewardSet
+        return RewardSet(self.cfg.metric_specs, self.root)
+
     def log_step(self, step: int, metrics: dict, **labels) -> None:
         """One point of a learning curve: MLflow metric history + a row of the DVC plot CSV."""
         prefix = "".join(f"{v}/" for v in labels.values())
@@ -90,9 +102,9 @@ def write_metrics(ctx: StageContext, metrics: dict, curve_name: str | None = Non
     write_json(path, metrics)
     tracking.log_metrics(_flat_numbers(metrics))
     tracking.log_artifact(path, "metrics")
-    if curve_name and ctx.curve:
+    if curve_name:  # written even when empty (a given checkpoint trains no base): dvc.yaml declares it
         curve = ctx.layout.metrics / f"{curve_name}.csv"
-        write_csv(curve, ctx.curve)
+        write_csv(curve, ctx.curve, header=["step"])
         tracking.log_artifact(curve, "metrics")
     return path
 

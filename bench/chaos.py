@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import BIN, make_project, project_env  # noqa: E402
 
 from flows import STAGES  # noqa: E402
-COMPARED = ("eval_accuracy", "ood_accuracy", "steps_consistent", "sampled_value")
+COMPARED = ("eval_score", "ood_score", "steps_consistent", "sampled_value")
 
 
 def final_metrics(root: Path) -> dict:

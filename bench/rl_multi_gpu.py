@@ -35,8 +35,10 @@ def greedy_accuracy(pipeline: str, model_dir: Path) -> float:
     layout, cfg = Layout(ROOT, pipeline), load_pipeline(pipeline, ROOT / "pipelines.yaml")
     eval_rows = read_split(layout.curated, "eval")
     model, tok = models.load(model_dir, cfg.device)
-    accuracy = score(model, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist(),
-                     batch_size=cfg.evaluate.batch_size)["accuracy"]
+    from alignflow.data.rows import TaskRows
+    from alignflow.rewards import RewardSet, accuracy_reward
+    accuracy = score(model, tok, TaskRows.from_frame(eval_rows), RewardSet.of(accuracy_reward),
+                     batch_size=cfg.evaluate.batch_size)["value"]
     del model
     torch.cuda.empty_cache()
     return accuracy

@@ -36,7 +36,9 @@ def run_one(args) -> dict:
     import torch
     from alignflow import models
     from alignflow.config import CandidateConfig, RLConfig
+    from alignflow.data.rows import TaskRows
     from alignflow.evaluation import score
+    from alignflow.rewards import RewardSet, accuracy_reward
     from alignflow.layout import Layout
     from alignflow.stage import read_split
     from alignflow.train import rl
@@ -57,7 +59,7 @@ def run_one(args) -> dict:
         greedy = {}
         for c in checkpoints:
             snap, _ = models.load(Path(tmp) / "snapshots" / f"s-s{seed}-{c}", device)
-            greedy[c] = score(snap, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist())["accuracy"]
+            greedy[c] = score(snap, tok, TaskRows.from_frame(eval_rows), RewardSet.of(accuracy_reward))["value"]
     quarter = max(1, steps // 4)
     return {"name": name, "algorithm": algo, "lr": lr, "warmup_steps": warmup, "temperature": temp,
             "prompts_per_step": prompts_per_step, "ppo_epochs": ppo_epochs, "hparams": hp, "seed": seed,
@@ -76,13 +78,15 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results/rl_sweep.json"))
     args = parser.parse_args()
     from alignflow import models
+    from alignflow.data.rows import TaskRows
     from alignflow.evaluation import score
+    from alignflow.rewards import RewardSet, accuracy_reward
     from alignflow.layout import Layout
     from alignflow.stage import read_split
     layout = Layout(ROOT, args.pipeline)
     sft, tok = models.load(layout.sft, args.device)
     eval_rows = read_split(layout.curated, "eval")
-    sft_greedy = score(sft, tok, eval_rows["prompt"].tolist(), eval_rows["answer"].astype(str).tolist())["accuracy"]
+    sft_greedy = score(sft, tok, TaskRows.from_frame(eval_rows), RewardSet.of(accuracy_reward))["value"]
     jobs = [(*g, args.pipeline, args.steps, args.device, seed) for seed in args.seeds for g in GRID]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(run_one, jobs)

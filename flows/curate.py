@@ -18,11 +18,15 @@ def curate_sources(ctx) -> dict:
 def curate(pipeline: str = "tiny") -> dict:
     ctx = open_stage("curate", pipeline, inputs=[])
     with tracked(ctx, ctx.cfg.curate.model_dump()) as run:
-        result = curate_sources(ctx)
+        result = curate_sources(ctx)  # an empty required split raises, naming its files (the stage then fails)
         counts = result["counts"]
         for bad in result["unreadable"]:
             print(f"unreadable, set aside: {bad['path']}: {bad['problem']}")
-        write_metrics(ctx, {**counts, "unreadable_files": len(result["unreadable"])})
+        for split, why in {**result.get("missing_splits", {}), **result.get("derived_splits", {})}.items():
+            print(f"split {split}: {why}")
+        write_metrics(ctx, {**counts, "unreadable_files": len(result["unreadable"]),
+                            "missing_splits": result.get("missing_splits", {}),
+                            "derived_splits": result.get("derived_splits", {})})
         from alignflow import tracking
         for split in ("sft", "rl", "eval"):
             if (ctx.layout.curated / f"{split}.parquet").exists():

@@ -15,6 +15,7 @@ import pandas as pd
 from prefect import flow
 
 from alignflow import models, ope as core, tracking
+from alignflow.data.rows import read_rows
 from tasks.common import open_stage, publish_summary, stage_task, tracked, write_metrics
 from tasks.policies import candidate_dirs, ood_scores, score_logged
 
@@ -36,12 +37,13 @@ def current_champion_dir(registered_name: str, into: Path) -> Path | None:
 def ope(pipeline: str = "tiny") -> dict:
     ctx = open_stage("ope", pipeline, inputs=["curated", "logged", "sft", "rl"])
     cfg = ctx.cfg.ope
+    registered_name = cfg.registered_model or f"alignflow-{pipeline}"
     with tracked(ctx, cfg.model_dump()) as run, tempfile.TemporaryDirectory() as tmp:
         logs = pd.read_parquet(ctx.layout.logged / "logged.parquet")
         logged = core.LoggedTokens(behaviour_logprobs=[np.asarray(x, float) for x in logs["behaviour_logprobs"]],
                                    rewards=logs["reward"].to_numpy(float))
         dirs = candidate_dirs(ctx.layout)
-        current = current_champion_dir(cfg.registered_model, Path(tmp) / CURRENT)
+        current = current_champion_dir(registered_name, Path(tmp) / CURRENT)
         scored = {name: score_logged(d, logs, seed=ctx.cfg.seed)
                   for name, d in {**dirs, **({CURRENT: current} if current else {})}.items()}
         logprobs = {name: lp for name, (lp, _) in scored.items()}
@@ -58,17 +60,23 @@ def ope(pipeline: str = "tiny") -> dict:
         chosen = own[cfg.select.estimator]["estimates"][champion]
         current_est = results[cfg.select.estimator]["estimates"].get(CURRENT)
         key = "value" if cfg.select.rule == "estimate" else "ci_low"
-        promoted, why = core.promotion_gate(chosen[key], current_est[key] if current_est else None, cfg.select.margin)
+        promoted, why = core.promotion_gate(chosen[key], current_est[key] if current_est else None, cfg.select.margin,
+                                            candidates=[e[key] for e in own[cfg.select.estimator]["estimates"].values()],
+                                            logged_rewards=logged.rewards)
 
         # ---- VSDR: simulated value (the selection estimator's estimate) against OOD-ness of the real split
-        real = pd.read_parquet(ctx.layout.curated / "real.parquet")["prompt"].tolist()
-        reference = pd.read_parquet(ctx.layout.curated / "eval.parquet")["prompt"].tolist()[:len(real)]
-        ood = {n: ood_scores(d, real, reference, ctx.cfg.logged.max_new_tokens) for n, d in dirs.items()}
         sim = {n: own[cfg.select.estimator]["estimates"][n]["value"] for n in dirs}
-        vsdr = core.vsdr_scores(sim, {n: s["entropy"] for n, s in ood.items()})
+        if (ctx.layout.curated / "real.parquet").exists():
+            real = read_rows(ctx.layout.curated, "real").messages
+            reference = read_rows(ctx.layout.curated, "eval").messages[:len(real)]
+            ood = {n: ood_scores(d, real, reference, ctx.cfg.logged.max_new_tokens) for n, d in dirs.items()}
+            vsdr = core.vsdr_scores(sim, {n: s["entropy"] for n, s in ood.items()})
+        else:
+            ood, vsdr = {}, {"skipped": "no real split (unlabelled traffic) in the data: VSDR needs one"}
+            print(f"VSDR skipped: {vsdr['skipped']}")
 
         if promoted:
-            version = tracking.register_policy(dirs[champion], cfg.registered_model, "champion", tags={
+            version = tracking.register_policy(dirs[champion], registered_name, "champion", tags={
                 "candidate": champion, "pipeline": pipeline, "estimator": cfg.select.estimator,
                 "rule": cfg.select.rule, "estimate": chosen["value"], "ci_low": chosen["ci_low"],
                 "ci_high": chosen["ci_high"]})
@@ -78,7 +86,8 @@ def ope(pipeline: str = "tiny") -> dict:
         metrics = {"estimators": {e: {"estimates": r["estimates"], "ess": r["ess"]} for e, r in own.items()},
                    "vsdr": {"scores": vsdr, "ood_scores": ood, "sim_values": sim},
                    "rule": f"{cfg.select.estimator}:{cfg.select.rule}", "champion": champion,
-                   "promoted": promoted, "promotion_reason": why, "registered_version": version,
+                   "promoted": promoted, "promotion_reason": why, "registered_model": registered_name,
+                   "registered_version": version,
                    "behaviour_value": float(logged.rewards.mean()), "n_logged": int(len(logs))}
         write_metrics(ctx, metrics)
         publish_summary(ctx, run.info.run_id, f"champion **{champion}** ({why})",

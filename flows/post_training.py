@@ -46,6 +46,15 @@ def check_request(root: Path, pipeline: str, overrides: list[str]) -> None:
         apply_overrides(root, pipeline, overrides, dry_run=True)
 
 
+def preflight(root: Path, pipeline: str) -> None:
+    """Model, rewards and data checked before any stage runs (alignflow/preflight.py)."""
+    from alignflow import preflight as checks
+    problems, _ = checks.check(root, pipeline, load_project(root / "pipelines.yaml").pipelines[pipeline])
+    if problems:
+        raise ConfigError("pre-flight failed (alignflow check-config --pipeline " + pipeline + "):\n  "
+                          + "\n  ".join(problems))
+
+
 def _has_key(raw: dict, dotted: str) -> bool:
     node = raw
     for part in dotted.split("."):
@@ -94,6 +103,7 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
     check_request(root, pipeline, overrides or [])
     if overrides:
         apply_overrides(root, pipeline, overrides)
+    preflight(root, pipeline)
     project = load_project(root / "pipelines.yaml")
     dispatch = scaled.scaled_mode()  # [scaled mode] decided before the embedded API URL is set below
     if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
@@ -107,6 +117,7 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
         mlflow.log_dict(project.pipelines[pipeline].model_dump(), "config/pipeline.json")
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         try:
+            reproduce(root, f"external@{pipeline}")  # fingerprints what DVC cannot see (alignflow/fingerprint.py)
             for stage in STAGES:
                 ran[stage] = (scaled.dispatch(root, stage, pipeline) if dispatch  # [scaled mode]
                               else reproduce(root, f"{stage}@{pipeline}"))

@@ -1,5 +1,5 @@
 """sft: supervised fine-tuning on the demonstrations, chat template applied, loss on response tokens only.
-Stops once greedy validation accuracy reaches `sft.stop_at_accuracy` (leaves room for RL to show).
+Stops once the greedy validation score (the pipeline's reward) reaches `sft.stop_at_score` (leaves room for RL to show).
 
     dvc repro sft@tiny     or     alignflow stage sft --pipeline tiny
 """
@@ -15,6 +15,6 @@ def sft(pipeline: str = "tiny") -> dict:
     with tracked(ctx, ctx.cfg.sft.model_dump()) as run:
         metrics = supervised_finetune(ctx)
         write_metrics(ctx, metrics, curve_name="sft_curve")
-        publish_summary(ctx, run.info.run_id, f"validation accuracy {metrics['val_accuracy']:.3f}", [metrics])
+        publish_summary(ctx, run.info.run_id, f"validation score {metrics.get('val_score', float('nan')):.3f}", [metrics])
     clear_checkpoints(ctx)
     return metrics

@@ -27,11 +27,18 @@ def choose(results: dict, estimator: str, rule: str) -> str:
     return min(scored, key=lambda s: (-s[0], s[1]))[1]
 
 
-def promotion_gate(new_estimate: float, current_estimate: float | None,
-                   margin: float) -> tuple[bool, str]:
-    """Promote if there is no champion, or the new estimate beats it by more than `margin`."""
+def promotion_gate(new_estimate: float, current_estimate: float | None, margin: float,
+                   candidates: list[float] | None = None, logged_rewards=None) -> tuple[bool, str]:
+    """Promote if there is no champion, or the new estimate beats it by more than `margin`; never when the
+    choice carries no signal: every logged reward equal (nothing to weight), or every candidate's estimate tied
+    (the "champion" is then only the first of equals)."""
     if new_estimate is None or not math.isfinite(new_estimate):
         return False, f"new estimate {new_estimate!r} is not a finite number"
+    if logged_rewards is not None and len(logged_rewards) and float(np.ptp(np.asarray(logged_rewards, float))) == 0:
+        return False, (f"no signal: every logged reward is {float(np.asarray(logged_rewards, float)[0]):.4f}, so no "
+                       "estimate can tell the candidates apart; not promoting (check the rewards)")
+    if candidates is not None and len(candidates) > 1 and max(candidates) - min(candidates) <= 1e-12:
+        return False, f"no signal: all {len(candidates)} candidates tie at {new_estimate:.4f}; not promoting"
     if current_estimate is None:
         return True, f"no current champion; promoting (estimate {new_estimate:.4f})"
     bar = current_estimate + margin

@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 
 from alignflow import models
-from alignflow.evaluation import score
+from alignflow.data.rows import TaskRows
+from alignflow.evaluation import metric_summary, score
 from alignflow.models import chat_prompt
-from alignflow.rewards import accuracy_reward
 from alignflow.rollout import Sampling, TransformersEngine, token_logprobs
 
 
@@ -22,27 +22,32 @@ def candidate_dirs(layout) -> dict[str, Path]:
     return dirs
 
 
-def log_behaviour(policy_dir: Path, prompts: list[str], answers: list[str], n: int, max_new_tokens: int,
-                  temperature: float, seed: int, device: str = "cpu", dtype: str = "fp32") -> pd.DataFrame:
+def log_behaviour(policy_dir: Path, task: TaskRows, reward, n: int, max_new_tokens: int,
+                  temperature: float, seed: int, device: str = "cpu", dtype: str = "fp32") -> tuple[pd.DataFrame, dict]:
     """Sample the behaviour policy once per logged prompt (cycling to n), keeping the per-token log-probs of
-    the distribution actually sampled from (temperature as configured, top_k = 0, top_p = 1)."""
+    the distribution actually sampled from (temperature as configured, top_k = 0, top_p = 1), and the
+    pipeline's reward of each response. -> (logs, reward errors per function)"""
     torch.manual_seed(seed)
     model, tokenizer = models.load(policy_dir, device, dtype)
-    reps = [i % len(prompts) for i in range(n)]
-    engine, rows = TransformersEngine(model, tokenizer), []
+    reps = [i % len(task) for i in range(n)]
+    engine, rows, errors = TransformersEngine(model, tokenizer), [], {}
     for start in range(0, n, 250):
         idx = reps[start:start + 250]
-        out = engine.generate([chat_prompt(tokenizer, prompts[i]) for i in idx], 1, Sampling(max_new_tokens, temperature))
-        rewards = accuracy_reward([prompts[i] for i in idx], out.texts, answer=[answers[i] for i in idx])
+        chunk = task.take(idx)
+        out = engine.generate([chat_prompt(tokenizer, m) for m in chunk.messages], 1, Sampling(max_new_tokens, temperature))
+        result = reward(chunk.prompts, out.texts, chunk.columns)
+        rewards = result.total
+        for label, count in result.errors.items():
+            errors[label] = errors.get(label, 0) + count
         T = out.completion_mask.shape[1]
         for row, i in enumerate(idx):
             length = int(out.completion_mask[row].sum())
             prompt_ids = out.input_ids[row, :-T][out.attention_mask[row, :-T].bool()].tolist()
-            rows.append({"prompt": prompts[i], "prompt_ids": prompt_ids,
+            rows.append({"prompt": task.prompts[i], "prompt_ids": prompt_ids,
                          "completion_ids": out.completion_ids[row, :length].tolist(),
                          "behaviour_logprobs": out.logprobs[row, :length].double().tolist(),
                          "completion": out.texts[row], "reward": rewards[row]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), errors
 
 
 def _padded(rows: pd.DataFrame, pad_id: int, start: int, stop: int):
@@ -82,11 +87,12 @@ def score_logged(policy_dir: Path, logged: pd.DataFrame, state_dim: int = 16, se
 
 
 @torch.no_grad()
-def ood_scores(policy_dir: Path, real_prompts: list[str], reference_prompts: list[str], max_new_tokens: int,
+def ood_scores(policy_dir: Path, real_prompts: list, reference_prompts: list, max_new_tokens: int,
                device: str = "cpu", dtype: str = "fp32") -> dict:
     """How foreign the unlabelled real prompts are to a policy (VSDR's OOD side), from its own behaviour there:
     mean token entropy of its sampled responses, their negative mean log-likelihood, and the distance of the
-    real prompts' mean final hidden state to that of in-distribution prompts (in units of their spread)."""
+    real prompts' mean final hidden state to that of in-distribution prompts (in units of their spread).
+    Prompts are user texts or chat message lists."""
     model, tokenizer = models.load(policy_dir, device, dtype)
     model.eval()
     engine = TransformersEngine(model, tokenizer)
@@ -98,7 +104,7 @@ def ood_scores(policy_dir: Path, real_prompts: list[str], reference_prompts: lis
 
     def prompt_states(prompts):
         enc = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                        padding_side="left").to(model.device)
+                        padding_side="left", add_special_tokens=False).to(model.device)
         pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return model.model(**enc, position_ids=pos).last_hidden_state[:, -1]
     real, ref = prompt_states(real_prompts), prompt_states(reference_prompts)
@@ -107,22 +113,23 @@ def ood_scores(policy_dir: Path, real_prompts: list[str], reference_prompts: lis
             "hidden_distance": float((real.mean(0) - ref.mean(0)).norm() / spread)}
 
 
-def true_values(policy_dir: Path, splits: dict[str, pd.DataFrame], value_prompts: pd.DataFrame,
-                value_samples: int, max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
+def true_values(policy_dir: Path, splits: dict[str, TaskRows], reward, metrics, value_samples: int,
+                max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
                 dtype: str = "fp32") -> tuple[dict, np.ndarray]:
-    """The stand-in for an online test: greedy accuracy and steps-consistent rate per split, and the sampled
-    value under the logging settings (temperature 1, top_k 0) whose per-sample returns OPS compares against."""
+    """The stand-in for an online test: per split the greedy mean of the reward (`<split>_score`) and of each
+    metric; on the eval split also `value_samples` samples per prompt under the logging settings (T = 1, top_k 0):
+    the sampled value whose per-sample returns OPS compares against, and each metric's mean@k / pass@k."""
     torch.manual_seed(seed)
     model, tokenizer = models.load(policy_dir, device, dtype)
     model.eval()
-    out = {}
-    for name, df in splits.items():
-        s = score(model, tokenizer, df["prompt"].tolist(), df["answer"].astype(str).tolist(),
-                  max_new_tokens=max_new_tokens, batch_size=batch_size)
-        out[f"{name}_accuracy"] = s["accuracy"]
-        if name == "eval":
-            out["steps_consistent"] = s["steps_consistent"]
-    sampled = score(model, tokenizer, value_prompts["prompt"].tolist(), value_prompts["answer"].astype(str).tolist(),
-                    max_new_tokens=max_new_tokens, greedy=False, n=value_samples, batch_size=batch_size)
-    out["sampled_value"] = sampled["accuracy"]
+    out: dict = {"metrics": {}}
+    for name, rows in splits.items():
+        s = score(model, tokenizer, rows, reward, metrics=metrics, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out[f"{name}_score"] = s["value"]
+        out["metrics"][name] = metric_summary(s["per_function"], 1, greedy=True)
+    sampled = score(model, tokenizer, splits["eval"], reward, metrics=metrics, max_new_tokens=max_new_tokens,
+                    greedy=False, n=value_samples, batch_size=batch_size)
+    out["sampled_value"] = sampled["value"]
+    for label, figures in metric_summary(sampled["per_function"], value_samples, greedy=False).items():
+        out["metrics"]["eval"][label].update(figures)
     return out, sampled["rewards"]

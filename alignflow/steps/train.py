@@ -4,10 +4,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from alignflow import models
+from alignflow.data.rows import TaskRows, read_rows
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
 from alignflow.train import distributed, lora, rl, supervised
@@ -17,8 +17,9 @@ from alignflow.stage import StageContext, read_split
 def pretrain_base(ctx: StageContext) -> dict:
     """Train the tiny base model from scratch on the curated corpus (or take the configured model path)."""
     cfg = ctx.cfg.base
-    if cfg.path:  # a real checkpoint: copy it so DVC versions what the pipeline used
-        model, tokenizer = models.load(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.path:  # a real checkpoint: copy it so DVC versions what the pipeline used (with the chat template applied)
+        model, tokenizer = models.load(ctx.root / cfg.path, trust_remote_code=cfg.trust_remote_code,
+                                       allow_pickle=cfg.allow_pickle, chat_template=cfg.chat_template)
         models.save(model, tokenizer, ctx.layout.base)
         return {"source": cfg.path, "parameters": sum(p.numel() for p in model.parameters())}
     tokenizer = models.build_tokenizer()
@@ -37,33 +38,51 @@ def pretrain_base(ctx: StageContext) -> dict:
 
 
 def supervised_finetune(ctx: StageContext) -> dict:
-    """SFT on the demonstrations (chat template, loss on response tokens), stopping in the configured band."""
+    """SFT on the demonstrations (chat template, loss on every assistant turn), validated with the pipeline's reward
+    and stopped in the configured band. With no sft split (curate's missing_splits) the base model is the SFT model."""
     cfg = ctx.cfg.sft
     model, tokenizer = models.load(ctx.layout.base, ctx.cfg.device)
+    if not (ctx.layout.curated / "sft.parquet").exists():
+        models.save(model, tokenizer, ctx.layout.sft)
+        return {"steps": 0, "skipped": "no sft split: RL starts from the base model"}
     if cfg.lora:
         model = lora.wrap(model, cfg.lora)
-    demos = read_split(ctx.layout.curated, "sft")
-    n_val = min(200, len(demos) // 5)  # the last rows validate; eval/ood stay untouched for `evaluate`
-    train, val = demos.iloc[:-n_val], demos.iloc[-n_val:]
-    examples = supervised.sft_examples(tokenizer, train["prompt"].tolist(), train["response"].tolist())
+    train, val = _sft_split(ctx)
+    n_val = len(val)
+    examples = supervised.sft_examples(tokenizer, train.messages, train.responses,
+                                       stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(ctx.cfg.seed)
 
     def validate() -> dict:
-        s = score(model, tokenizer, val["prompt"].tolist(), val["answer"].astype(str).tolist(),
+        if not n_val:
+            return {}
+        s = score(model, tokenizer, val, ctx.rewards, max_new_tokens=ctx.cfg.evaluate.max_new_tokens,
                   batch_size=ctx.cfg.evaluate.batch_size)
-        return {"val_accuracy": s["accuracy"], "val_steps_consistent": s["steps_consistent"]}
+        return {"val_score": s["value"]}
 
-    target = cfg.stop_at_accuracy
+    target = cfg.stop_at_score if n_val else None
     result = supervised.train_lm(
         model, supervised.sft_batches(examples, cfg.batch_size, tokenizer.pad_token_id, generator), generator,
         steps=cfg.steps, lr=cfg.lr, ckpt_dir=ctx.ckpt, checkpoint_every=cfg.checkpoint_every,
         on_log=ctx.log_step, validate=validate, validate_every=cfg.eval_every,
-        stop=(lambda m: m["val_accuracy"] >= target) if target is not None else None, desc="sft",
+        stop=(lambda m: m["val_score"] >= target) if target is not None else None, desc="sft",
         precision=ctx.cfg.precision)
     models.save(model, tokenizer, ctx.layout.sft)
     final = validate()
     return {"steps": result.resumed_from + result.steps_run, "stopped_early": result.stopped_early,
             "final_loss": result.last_loss, "resumed_from_step": result.resumed_from, **final}
+
+
+def _sft_split(ctx: StageContext, n_val_max: int = 200) -> tuple[TaskRows, TaskRows]:
+    """(training demonstrations, validation rows). The reward scores validation, so its rows must carry the columns
+    the reward functions read: the demonstrations' last rows when they have the rl split's columns (the generator's
+    task), else the first rl prompts (chat demonstrations often carry no answer column). eval/ood stay untouched."""
+    demos = read_rows(ctx.layout.curated, "sft")
+    rl_rows = read_rows(ctx.layout.curated, "rl")
+    n_val = min(n_val_max, len(demos) // 5)
+    if set(rl_rows.columns) <= set(demos.columns):
+        return demos.take(list(range(len(demos) - n_val))), demos.take(list(range(len(demos) - n_val, len(demos))))
+    return demos, rl_rows.take(list(range(min(n_val, len(rl_rows)))))
 
 
 def build_teacher(ctx: StageContext) -> dict:
@@ -85,8 +104,8 @@ def build_teacher(ctx: StageContext) -> dict:
 def train_teacher(layout, cfg, out: Path, ckpt_dir: Path, on_log) -> supervised.TrainResult:
     """SFT from the base model, run to the end (no early stop), saved to `out`."""
     model, tokenizer = models.load(layout.base, cfg.device)
-    demos = read_split(layout.curated, "sft")
-    examples = supervised.sft_examples(tokenizer, demos["prompt"].tolist(), demos["response"].tolist())
+    demos = read_rows(layout.curated, "sft")
+    examples = supervised.sft_examples(tokenizer, demos.messages, demos.responses, stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     result = supervised.train_lm(
         model, supervised.sft_batches(examples, cfg.teacher.batch_size, tokenizer.pad_token_id, generator), generator,
@@ -105,11 +124,11 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
         model, tokenizer = models.load(ctx.layout.sft, ctx.cfg.device)
         if ctx.cfg.rl.lora:
             model = lora.wrap(model, ctx.cfg.rl.lora)
-        prompts = read_split(ctx.layout.curated, "rl")
+        rows = read_rows(ctx.layout.curated, "rl")
         rl.train_candidate(
-            model, tokenizer, cand, seed, ctx.cfg.rl, prompts["prompt"].tolist(), prompts["answer"].astype(str).tolist(),
-            ckpt, on_log=lambda step, m: ctx.log_step(step, m, run=f"{cand.name}-s{seed}"),
-            **candidate_inputs(ctx.layout, ctx.cfg.device, cand, prompts))
+            model, tokenizer, cand, seed, ctx.cfg.rl, rows, None, ckpt,
+            on_log=lambda step, m: ctx.log_step(step, m, run=f"{cand.name}-s{seed}"), reward_fn=ctx.rewards,
+            **candidate_inputs(ctx.layout, ctx.cfg.device, cand, rows, solution_column=ctx.cfg.rl.solution_column))
         if distributed.is_main():
             done.write_text("ok")
     snapshots = [ckpt / "snapshots" / f"{cand.name}-s{seed}-{c}" for c in cand.checkpoints]
@@ -119,27 +138,38 @@ def train_rl_candidate(ctx: StageContext, candidate_index: int, seed: int) -> li
     return [s.name for s in snapshots]
 
 
-def candidate_inputs(layout, device: str, cand, prompts: pd.DataFrame, teacher: Path | None = None) -> dict:
+def candidate_inputs(layout, device: str, cand, rows: TaskRows, teacher: Path | None = None,
+                     solution_column: str | None = None) -> dict:
     """What a method needs beyond the policy (frozen models, worked solutions, demonstrations), as keyword
-    arguments of rl.train_candidate. `teacher`: a model directory other than the teacher stage's output."""
+    arguments of rl.train_candidate. `teacher`: a model directory other than the teacher stage's output.
+    Worked solutions (opsd's privileged context, pope's guidance) come from `solution_column` when named."""
     needs = rl.required_inputs(cand)
     frozen = lambda path: models.load(path, device)[0].eval()  # noqa: E731
     inputs = {"extra_models": rl.ExtraModels(ref=frozen(layout.sft) if "ref" in needs else None,
                                              base=frozen(layout.base) if "base" in needs else None,
                                              teacher=frozen(teacher or layout.teacher) if "teacher" in needs else None)}
     if needs & {"solutions", "privileged"}:
-        inputs["solutions"] = [worked_solution(p, r) for p, r in zip(prompts["prompt"], prompts["response"])]
+        if solution_column:
+            inputs["solutions"] = [str(s) if s is not None else "" for s in rows.column(solution_column)]
+        else:
+            responses = rows.responses or [None] * len(rows)
+            inputs["solutions"] = [worked_solution(p, r) for p, r in zip(rows.prompts, responses)]
     if "expert" in needs:
-        demos = read_split(layout.curated, "sft")
-        inputs["expert"] = list(zip(demos["prompt"], demos["response"]))
+        demos = read_rows(layout.curated, "sft")
+        inputs["expert"] = list(zip(demos.prompts, demos.responses))
     return inputs
 
 
 def worked_solution(prompt: str, response: str | None) -> str:
-    """The privileged solution of an RL prompt: its demonstration if it has one, else the task's worked steps."""
+    """The privileged solution of an RL prompt: its demonstration if it has one, else (the built-in arithmetic task)
+    the worked steps; any other task must name its solution column (rl.solution_column)."""
     if isinstance(response, str) and response:
         return response
-    a, b = (int(x) for x in prompt.removesuffix("=?").split("+"))
+    try:
+        a, b = (int(x) for x in prompt.removesuffix("=?").split("+"))
+    except ValueError:
+        raise ValueError(f"prompt {prompt[:60]!r} has no demonstration to use as its solution; name the data column "
+                         "that holds one with rl.solution_column") from None
     return worked_steps(a, b)
 
 

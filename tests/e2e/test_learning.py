@@ -15,8 +15,8 @@ def test_tiny_pipeline_learns(tmp_path):
     alignflow(root, "run", "--pipeline", "tiny", timeout=3600)
     ev = json.loads((root / "metrics/tiny/evaluate.json").read_text())
     p, champion = ev["policies"], ev["champion"]
-    assert p["sft"]["eval_accuracy"] >= p["base"]["eval_accuracy"] + 0.20
-    assert p[champion]["eval_accuracy"] >= p["sft"]["eval_accuracy"] + 0.10
-    assert p["sft"]["ood_accuracy"] >= 0.10
-    assert p[champion]["ood_accuracy"] >= p["sft"]["ood_accuracy"]
-    assert 0.0 < max(v["real_accuracy"] for v in p.values()) < 1.0
+    assert p["sft"]["eval_score"] >= p["base"]["eval_score"] + 0.20
+    assert p[champion]["eval_score"] >= p["sft"]["eval_score"] + 0.10
+    assert p["sft"]["ood_score"] >= 0.10
+    assert p[champion]["ood_score"] >= p["sft"]["ood_score"]
+    assert 0.0 < max(v["real_score"] for v in p.values()) < 1.0

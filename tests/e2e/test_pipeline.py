@@ -24,8 +24,11 @@ def test_evaluate_json_schema(smoke_project):
     candidates = ["grpo-s0-2", "grpo-s0-4", "grpo-s1-2", "grpo-s1-4"]
     assert set(ev["policies"]) == {"base", "sft", *candidates}
     for values in ev["policies"].values():
-        assert {"eval_accuracy", "ood_accuracy", "steps_consistent", "sampled_value"} <= set(values)
+        assert {"eval_score", "ood_score", "real_score", "sampled_value"} <= set(values)
         assert all(0.0 <= v <= 1.0 for v in values.values())
+    for per_split in ev["metrics"].values():  # the arithmetic task's metrics: accuracy and steps consistent
+        assert set(per_split["eval"]) == {"accuracy", "steps_consistent"}
+        assert {"greedy", "mean@1", "pass@1"} == set(per_split["eval"]["accuracy"])
     assert ev["champion"] in ["sft", *candidates]
     assert ev["n_eval"] == 40 and ev["n_ood"] == 40
     assert ev["champion_regret"] >= 0
@@ -86,13 +89,15 @@ def test_registered_champion_reproduces_its_accuracy(smoke_project):
     from alignflow.evaluation import score
     client = mlflow_client(smoke_project)
     ope = load(smoke_project, "metrics/smoke/ope.json")
-    version = client.get_model_version_by_alias("alignflow-policy", "champion")
+    version = client.get_model_version_by_alias("alignflow-smoke", "champion")
     assert version.tags["candidate"] == ope["champion"]
-    comps = mlflow.transformers.load_model("models:/alignflow-policy@champion", return_type="components")
+    comps = mlflow.transformers.load_model("models:/alignflow-smoke@champion", return_type="components")
     eval_df = pd.read_parquet(smoke_project / "data/smoke/curated/eval.parquet")
-    acc = score(comps["model"], comps["tokenizer"], eval_df["prompt"].tolist(), eval_df["answer"].tolist(),
-                max_new_tokens=16)["accuracy"]
-    assert acc == load(smoke_project, "metrics/smoke/evaluate.json")["policies"][ope["champion"]]["eval_accuracy"]
+    from alignflow.data.rows import TaskRows
+    from alignflow.rewards import RewardSet, accuracy_reward
+    acc = score(comps["model"], comps["tokenizer"], TaskRows.from_frame(eval_df), RewardSet.of(accuracy_reward),
+                max_new_tokens=16)["value"]
+    assert acc == load(smoke_project, "metrics/smoke/evaluate.json")["policies"][ope["champion"]]["eval_score"]
 
 
 def test_prefect_recorded_the_flow_runs(smoke_project):
@@ -137,13 +142,13 @@ def test_promotion_gate_keeps_the_champion_when_the_new_one_is_not_better(smoke_
     """A retrained pipeline whose best estimate does not beat the registered champion's by the margin keeps it."""
     from flows.post_training import apply_overrides
     client = mlflow_client(smoke_project)
-    before = client.get_model_version_by_alias("alignflow-policy", "champion").version
+    before = client.get_model_version_by_alias("alignflow-smoke", "champion").version
     apply_overrides(smoke_project, "smoke", ["ope.select.margin=1.0"])  # no estimate can beat another by 1.0
     try:
         alignflow(smoke_project, "stage", "ope", "--pipeline", "smoke")
         ope = load(smoke_project, "metrics/smoke/ope.json")
         assert ope["promoted"] is False and "margin" in ope["promotion_reason"]
-        assert client.get_model_version_by_alias("alignflow-policy", "champion").version == before
+        assert client.get_model_version_by_alias("alignflow-smoke", "champion").version == before
     finally:
         apply_overrides(smoke_project, "smoke", ["ope.select.margin=0.0"])
         alignflow(smoke_project, "stage", "ope", "--pipeline", "smoke")

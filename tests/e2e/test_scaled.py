@@ -265,9 +265,9 @@ def test_mlflow_server_holds_the_runs_and_the_champion(stack, pipeline_run, tmp_
     sft = next(r for r in children if r.info.run_name == "sft")
     assert sft.data.tags["dvc.input.models/smoke/base"] not in ("", "not in dvc.lock")  # lineage travelled too
     ope = json.loads((stack["root_path"] / "metrics/smoke/ope.json").read_text())
-    champion = client.get_model_version_by_alias("alignflow-policy", "champion")
+    champion = client.get_model_version_by_alias("alignflow-smoke", "champion")
     assert champion.tags["candidate"] == ope["champion"] and str(ope["registered_version"]) == champion.version
-    source = client.get_model_version_download_uri("alignflow-policy", champion.version)
+    source = client.get_model_version_download_uri("alignflow-smoke", champion.version)
     local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path), tracking_uri=uri)
     assert (Path(local) / "MLmodel").exists()
     assert Path(stack["artifacts"]).is_dir() and any(Path(stack["artifacts"]).rglob("model.safetensors"))
@@ -304,7 +304,7 @@ def test_retrain_deployment_ingests_new_data_and_promotes_only_through_the_gate(
     good = [line for line in demos if line.startswith("{") and line.endswith("}")][:3]
     (inbox / "arrived.jsonl").write_text("\n".join(good) + "\n")
     client = mlflow.MlflowClient(tracking_uri=stack["mlflow_url"], registry_uri=stack["mlflow_url"])
-    before = client.get_model_version_by_alias("alignflow-policy", "champion").version
+    before = client.get_model_version_by_alias("alignflow-smoke", "champion").version
 
     run, wall = _trigger_and_wait(api, "retrain/nightly", {"pipeline": "smoke", "settle_seconds": 0})
     FIGURES["retrain_wall_s"] = round(wall, 1)
@@ -316,10 +316,10 @@ def test_retrain_deployment_ingests_new_data_and_promotes_only_through_the_gate(
     assert children["curate"]["state_type"] == "COMPLETED"
     assert "data/raw/arrived.jsonl" in (root / "pipelines.yaml").read_text()
     ope = json.loads((root / "metrics/smoke/ope.json").read_text())
-    after = client.get_model_version_by_alias("alignflow-policy", "champion")
+    after = client.get_model_version_by_alias("alignflow-smoke", "champion")
     if ope["promoted"]:  # the gate let the new one through: new version, the old one kept as `previous`
         assert after.version != before and after.tags["candidate"] == ope["champion"]
-        assert client.get_model_version_by_alias("alignflow-policy", "previous").version == before
+        assert client.get_model_version_by_alias("alignflow-smoke", "previous").version == before
     else:  # the gate kept the registered champion
         assert after.version == before and ope["registered_version"] is None
 

@@ -28,7 +28,6 @@ def test_repo_config_is_valid():
     ("pipelines.tiny.rl.group_size", "1", "pipelines.tiny.rl.group_size: got 1; input should be greater than or equal to 2"),
     ("pipelines.tiny.ope.top_k", "50", "ope.top_k = 50 exceeds the number of candidates (7)"),
     ("pipelines.tiny.ope.select.rule", "best", "pipelines.tiny.ope.select.rule: got 'best'; allowed: 'estimate' or 'lower_bound'"),
-    ("pipelines.tiny.base.path", "/nonexistent/model", "has no config.json"),
     ("tracked", "[nope]", "tracked names unknown pipelines ['nope']"),
 ])
 def test_bad_values_name_the_key(path, value, message):

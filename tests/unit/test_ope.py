@@ -289,3 +289,14 @@ def test_save_load_round_trip(tmp_path):
     for c in cands:
         assert all(np.array_equal(a, b) for a, b in zip(cands2[c], cands[c]))
     assert all(np.array_equal(a, b) for a, b in zip(states2["rl/grpo:seed=1"], states["rl/grpo:seed=1"]))
+
+
+def test_promotion_gate_never_promotes_without_signal():
+    # all logged rewards equal: no estimator can rank the candidates, even with no champion registered
+    ok, why = promotion_gate(0.0, None, 0.0, candidates=[0.0, 0.0, 0.0], logged_rewards=[0.0] * 5)
+    assert ok is False and "no signal" in why and "logged reward" in why
+    # rewards vary but every candidate ties: the "champion" is the first of equals
+    ok, why = promotion_gate(0.3, None, 0.0, candidates=[0.3, 0.3], logged_rewards=[0.0, 1.0])
+    assert ok is False and "tie" in why
+    # one candidate apart from the rest, rewards vary: promoted as before
+    assert promotion_gate(0.4, None, 0.0, candidates=[0.3, 0.4], logged_rewards=[0.0, 1.0])[0] is True
