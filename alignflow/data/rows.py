@@ -47,10 +47,11 @@ class TaskRows:
         if "columns" in df:
             per_row = [json.loads(c) if isinstance(c, str) else {} for c in df["columns"]]
         else:
-            per_row = [{"answer": a} if a is not None else {} for a in df.get("answer", [None] * len(prompts))]
+            per_row = [{"answer": a} if isinstance(a, str) else {} for a in df.get("answer", [None] * len(prompts))]
         keys = sorted({k for row in per_row for k in row})
         columns = {k: [row.get(k) for row in per_row] for k in keys}
-        responses = df["response"].tolist() if "response" in df else None
+        # pandas reads a missing string as NaN: a row without a demonstration is None here
+        responses = [r if isinstance(r, str) else None for r in df["response"]] if "response" in df else None
         return cls(prompts, messages, columns, responses)
 
     def take(self, index: list[int]) -> "TaskRows":
