@@ -17,7 +17,7 @@ from alignflow import ope as core, report, tracking
 from alignflow.config import PipelineConfig
 from alignflow.data.rows import TaskRows, read_rows
 from tasks.common import open_stage, publish_summary, tracked, write_metrics
-from tasks.policies import candidate_dirs, true_values
+from tasks.policies import candidate_dirs, changed_share, true_values
 
 
 def _splits(curated) -> dict[str, TaskRows]:
@@ -38,6 +38,8 @@ def _policy_values(ctx, cfg: PipelineConfig, splits: dict[str, TaskRows]) -> tup
         values[name], returns[name] = true_values(
             path, splits, ctx.rewards, ctx.metrics, cfg.evaluate.value_samples, cfg.evaluate.max_new_tokens,
             cfg.evaluate.batch_size, cfg.seed)
+        if name not in ("base", "sft"):  # how much of the SFT model RL changed (bf16 elements)
+            values[name]["changed_share_vs_sft"] = changed_share(ctx.layout.sft, path)
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values[name].items() if isinstance(v, float)))
     return values, returns
 

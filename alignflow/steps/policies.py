@@ -133,3 +133,19 @@ def true_values(policy_dir: Path, splits: dict[str, TaskRows], reward, metrics, 
     for label, figures in metric_summary(sampled["per_function"], value_samples, greedy=False).items():
         out["metrics"]["eval"][label].update(figures)
     return out, sampled["rewards"]
+
+
+@torch.no_grad()
+def changed_share(reference_dir: Path, policy_dir: Path) -> float:
+    """Share of parameter elements whose bf16 value differs from the reference's: how much of the model an update
+    touched ("RL finetunes small subnetworks" compares in bf16, below which fp32 optimiser noise sits)."""
+    from safetensors import safe_open
+    changed = total = 0
+    ref_files = sorted(Path(reference_dir).glob("*.safetensors"))
+    for ref_file in ref_files:
+        with safe_open(ref_file, "pt") as ref, safe_open(Path(policy_dir) / ref_file.name, "pt") as new:
+            for name in ref.keys():
+                a, b = ref.get_tensor(name), new.get_tensor(name)
+                changed += int((a.to(torch.bfloat16) != b.to(torch.bfloat16)).sum())
+                total += a.numel()
+    return changed / total if total else 0.0

@@ -124,3 +124,17 @@ def test_a_user_task_needs_named_rewards():
     raw = {"tracked": ["p"], "pipelines": {"p": {"curate": {"generator": None}}}}
     with pytest.raises(ConfigError, match="rewards: required when curate.generator is null"):
         parse_project(raw)
+
+
+def test_changed_share_counts_bf16_elements(tmp_path):
+    from alignflow import models
+    from alignflow.steps.policies import changed_share
+    model, tok = _tiny()
+    models.save(model, tok, tmp_path / "ref")
+    total = sum(p.numel() for p in model.state_dict().values())
+    with torch.no_grad():
+        model.lm_head.weight[0, :3] += 1.0      # 3 elements changed visibly
+        model.lm_head.weight[1, 0] += 1e-9      # below bf16 resolution: not a change
+    models.save(model, tok, tmp_path / "new")
+    assert changed_share(tmp_path / "ref", tmp_path / "new") == pytest.approx(3 / total)
+    assert changed_share(tmp_path / "ref", tmp_path / "ref") == 0.0
