@@ -82,7 +82,15 @@ def cmd_stage(args) -> int:
 
 def cmd_validate_data(args) -> int:
     from alignflow.data.curate import validate_data
-    return validate_data(args.paths, Path(args.quarantine), max_chars=args.max_chars, split=args.split)
+    columns = {}
+    for item in args.columns or []:
+        ours, sep, theirs = item.partition("=")
+        if not sep:
+            print(f"error: --columns {item!r}: expected FIELD=COLUMN, e.g. prompt=question", file=sys.stderr)
+            return 2
+        columns[ours] = theirs
+    return validate_data(args.paths, Path(args.quarantine), max_chars=args.max_chars, split=args.split,
+                         columns=columns, dataset_split=args.dataset_split)
 
 
 def cmd_algorithms(args) -> int:
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quarantine", default="quarantine.jsonl")
     p.add_argument("--max-chars", type=int, default=1024)
     p.add_argument("--split", default="sft")
+    p.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
+                   help="map our field to the file's column, as a source's `columns:` does (repeatable)")
+    p.add_argument("--dataset-split", help="which split of a DatasetDict / data folder")
     p.set_defaults(fn=cmd_validate_data)
     sub.add_parser("algorithms", help="list the RL methods").set_defaults(fn=cmd_algorithms)
     sub.add_parser("import-tracking", help="load runs recorded without MLflow into MLflow").set_defaults(

@@ -734,12 +734,15 @@ def curate(cfg: CurateConfig, out_dir: Path, root: Path) -> dict:
     return {"counts": counts, "unreadable": unreadable, "missing_splits": missing, "derived_splits": derived}
 
 
-def validate_data(paths: list[str], quarantine_path: Path, max_chars: int = 1024, split: str = "sft") -> int:
-    """Check data files as `curate` would; print per-file counts, write the quarantine; exit code 0/1."""
+def validate_data(paths: list[str], quarantine_path: Path, max_chars: int = 1024, split: str = "sft",
+                  columns: dict[str, str] | None = None, dataset_split: str | None = None) -> int:
+    """Check data files as `curate` would (with a source's `columns` mapping and `dataset_split`); print per-file
+    counts, write the quarantine; exit code 0/1."""
     from rich.console import Console
     from rich.table import Table
     console = Console(soft_wrap=True, highlight=False)  # soft_wrap: an error stays on one line
-    rows, rejected, unreadable, _ = _read_sources([(Path(p), split, str(p), {}, None) for p in paths], max_chars)
+    rows, rejected, unreadable, _ = _read_sources([(Path(p), split, str(p), columns or {}, dataset_split)
+                                                   for p in paths], max_chars)
     for bad_file in unreadable:
         console.print(f"{bad_file['path']}: {bad_file['problem']}", markup=False)
     rows, dupes = deduplicate(rows)
