@@ -138,3 +138,13 @@ def test_changed_share_counts_bf16_elements(tmp_path):
     models.save(model, tok, tmp_path / "new")
     assert changed_share(tmp_path / "ref", tmp_path / "new") == pytest.approx(3 / total)
     assert changed_share(tmp_path / "ref", tmp_path / "ref") == 0.0
+
+
+def test_validate_data_maps_columns(tmp_path):
+    from alignflow.data.curate import validate_data
+    path = tmp_path / "rl.parquet"
+    pd.DataFrame({"question": ["Reverse: a b", "Reverse: c d"], "target": ["b a", "d c"]}).to_parquet(path)
+    assert validate_data([str(path)], tmp_path / "q.jsonl", split="rl") == 1  # no prompt column: nothing valid
+    assert "map one with columns" in (tmp_path / "q.jsonl").read_text()
+    assert validate_data([str(path)], tmp_path / "q.jsonl", split="rl",
+                         columns={"prompt": "question", "answer": "target"}) == 0
