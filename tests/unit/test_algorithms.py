@@ -105,3 +105,93 @@ def test_grpo_step_changes_every_parameter():
     assert all(math.isfinite(m["loss"]) for m in logs)
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+# ---------------------------------------------------------------- registry and batch surgery, edge cases
+def test_registry_returns_what_was_registered_and_knows_membership():
+    reg = Registry("thing")
+    assert reg.register("a")(1) == 1 and reg["a"] == 1
+    assert "a" in reg and "b" not in reg
+
+
+def test_register_algorithm_rejects_unknown_needs_and_registers(monkeypatch):
+    from alignflow.algorithms import core
+    monkeypatch.setattr(core.ALGORITHMS, "_items", dict(core.ALGORITHMS._items))   # leave the real registry alone
+    with pytest.raises(KeyError, match=r"needs unknown inputs \['telepathy'\]; known: \['base', "):
+        register_algorithm(Algorithm(name="x1", summary="", advantage="group_std", policy_loss="clipped_ratio",
+                                     loss_agg="token_mean", needs=("verifier", "telepathy")))
+    algo = Algorithm(name="x2", summary="", advantage="group_std", policy_loss="clipped_ratio", loss_agg="token_mean",
+                     needs=("verifier",))
+    assert register_algorithm(algo) is algo and core.ALGORITHMS["x2"] is algo
+
+
+def test_inputs_add_ref_only_for_a_positive_beta():
+    assert ALGORITHMS["grpo"].inputs() == {"verifier"}
+    assert ALGORITHMS["opmd"].inputs() == {"verifier"}              # no beta among its constants at all
+    assert ALGORITHMS["grpo"].inputs({"beta": 0.0}) == {"verifier"}
+
+
+def test_group_stats_keeps_the_values_dtype():
+    from alignflow.algorithms.core import group_stats
+    mean, std = group_stats(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), torch.tensor([0, 0, 1]))
+    assert mean.dtype == std.dtype == torch.float64 and mean.tolist() == [0.5, 0.5, 0.5]
+
+
+def test_tis_cap_is_the_hparam():
+    old, rollout = torch.tensor([[0.0]]), torch.tensor([[-2.0]])
+    b = batch([1], [0], T=1, old=old, rollout=rollout)
+    loss, _ = POLICY_LOSSES["clipped_ratio"](old.clone(), b, torch.ones(1, 1), {"clip_eps": 0.2, "tis_cap": 1.5})
+    assert loss.item() == pytest.approx(-1.5)
+
+
+def test_kl_metric_and_clip_fraction_count_generated_tokens_only():
+    old = torch.zeros(2, 2)
+    b = batch([1, 0], [0, 0], T=2, old=old)
+    b.completion_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    b.ref_logprobs = torch.tensor([[-1.0, 0.0], [0.0, -5.0]])            # KL only where logp != ref
+    logp = torch.tensor([[0.0, 0.0], [0.0, 0.5]])                         # the padded token: ratio e^0.5, clipped
+    _, metrics = POLICY_LOSSES["clipped_ratio"](logp, b, torch.ones(2, 2), {"clip_eps": 0.2, "beta": 0.1})
+    r = math.exp(-1.0)
+    assert metrics["kl"] == pytest.approx((r - math.log(r) - 1) / 3) and metrics["clip_frac"] == 0.0
+    from alignflow.algorithms.dcpo import dynamic_clip
+    _, dcpo = dynamic_clip(logp + torch.tensor([[5.0, 0.0], [0.0, 0.0]]), b, torch.ones(2, 2),
+                           {"clip_eps": 0.16, "clip_eps_high": 0.2, "clip_cap": 10.0})
+    assert dcpo["clip_frac"] == pytest.approx(1 / 3)                      # the padded token's clip is not counted
+
+
+def test_select_groups_keeps_expert_flags_extras_and_no_prompts():
+    from alignflow.algorithms.core import select_groups
+    b = batch([1, 0, 0, 1], [0, 0, 1, 1])
+    b.is_expert, b.extras = torch.tensor([False, False, True, True]), {"k": 1}
+    kept = select_groups(b, [1])
+    assert kept.is_expert.tolist() == [True, True] and kept.extras == {"k": 1} and kept.prompts == []
+    b.ref_logprobs = torch.zeros(4, 3)
+    with pytest.raises(AssertionError, match="^select groups before filling extra inputs$"):
+        select_groups(b, [0])
+
+
+def test_concat_pads_with_the_pad_id_zero_masks_and_expert_flags():
+    from alignflow.algorithms.core import concat_batches
+    a = batch([1, 0], [0, 0], T=2, old=torch.full((2, 2), -1.0))
+    c = batch([1], [0], T=3, old=torch.full((1, 3), -2.0))
+    a.input_ids = torch.ones(2, 4, dtype=torch.long)                      # prompt 2 + completion 2
+    c.input_ids = torch.full((1, 5), 2, dtype=torch.long)                 # prompt 2 + completion 3
+    c.is_expert = torch.tensor([True])
+    out = concat_batches([a, c], pad_id=99)
+    assert out.input_ids[0].tolist() == [1, 1, 1, 1, 99]                  # completions right-padded with pad_id
+    assert out.completion_mask[0].tolist() == [1, 1, 0] and out.old_logprobs[0].tolist() == [-1, -1, 0]
+    assert out.rollout_logprobs[0].tolist() == [-1, -1, 0] and out.attention_mask[0].tolist() == [1, 1, 1, 1, 0]
+    assert out.is_expert.tolist() == [False, False, True] and out.is_expert.dtype == torch.bool
+    assert concat_batches([a, a], pad_id=99).is_expert is None
+    a.entropy = torch.zeros(2, 2)
+    with pytest.raises(AssertionError, match="^concat before filling extra inputs$"):
+        concat_batches([a, c], pad_id=99)
+
+
+def test_reward_history_with_fractional_rewards_and_two_samples():
+    from alignflow.algorithms import RewardHistory
+    history = RewardHistory()
+    times, mean, std = history.update(["p"], torch.tensor([1.0, 0.5]), torch.tensor([0, 0]))
+    assert times.tolist() == [1, 1] and mean.tolist() == [0.75, 0.75]
+    assert std[0].item() == pytest.approx(math.sqrt(0.125))               # unbiased: ((.25)^2 * 2) / (2 - 1)
+    assert history.state_dict()["stats"].dtype == torch.float64

@@ -15,11 +15,11 @@ OLD = [[-0.5, -1.0, -0.2], [-0.3, -2.0, -1.0], [-1.5, -1.0, -1.0], [-0.7, -0.4, 
 DELTA = [[0.22, -0.3, 0.1], [0.25, -0.1, 0.5], [0.1, 0.4, 0.4], [-0.3, 0.2, 0.05]]        # log pi - log pi_old
 ROLLOUT_SHIFT = [[0.1, 0.0, -0.8], [0.0, 0.2, 0.0], [-0.05, 0.0, 0.0], [0.3, 0.0, 0.1]]   # pi_rollout vs pi_old
 REF = [[-0.6, -1.3, -0.1], [-0.5, -1.5, -2.0], [-1.0, -0.5, -0.5], [-0.9, -0.2, -1.0]]
-BASE = [[-0.9, -1.1, -0.6], [-0.2, -2.5, -3.0], [-1.2, -2.0, -2.0], [-1.0, -0.9, -0.8]]
+BASE = [[-0.9, -1.1, -0.6], [-0.2, -2.5, -3.0], [-1.2, -2.0, -2.0], [-1.3, -0.9, -0.8]]
 TEACHER = [[-0.2, -0.8, -0.4], [-0.6, -1.0, -1.5], [-0.9, -0.7, -0.7], [-0.3, -0.5, -0.6]]
 PRIV = [[-0.4, -0.6, -0.3], [-0.2, -1.2, -0.5], [-1.1, -0.3, -0.3], [-0.5, -0.9, -0.7]]
 ENTROPY = [[1.0, 2.0, 0.5], [1.5, 0.7, 9.0], [0.3, 9.0, 9.0], [2.5, 1.0, 1.2]]            # padding: 9.0
-STEP_IDS = [[0, 0, 1], [0, 1, 1], [0, 0, 0], [0, 1, 2]]
+STEP_IDS = [[0, 0, 1], [0, 1, 1], [0, 1, 1], [0, 1, 2]]   # row 2's padding points at a step it never has
 REWARDS, GROUPS = [1.0, 0.0, 0.0, 0.5], [0, 0, 1, 1]
 B, T = 4, 3
 LOGP = [[OLD[i][t] + DELTA[i][t] for t in range(T)] for i in range(B)]
@@ -131,15 +131,18 @@ def test_dapo_asymmetric_clip_case():
     assert low.item() == pytest.approx(0.8)
 
 
-def test_srppo_implicit_reward_and_kl_to_sft():
-    implicit = [sum(REF[i][t] - BASE[i][t] for t in range(n)) for i, n in enumerate(lengths())]
+@pytest.mark.parametrize("length_normalise", [0.0, 1.0])
+def test_srppo_implicit_reward_and_kl_to_sft(length_normalise):
+    implicit = [sum(REF[i][t] - BASE[i][t] for t in range(n)) / (n if length_normalise else 1)
+                for i, n in enumerate(lengths())]
     adv = group_advantage(implicit, GROUPS, True)
     losses = [[TIS[i][t] * ppo_token(i, t, adv[i], 0.8, 1.2) + 0.04 * k3(i, t) for t in range(T)] for i in range(B)]
-    assert wired_loss("srppo", make_batch())[0].item() == pytest.approx(seq_mean_token_mean(losses), rel=1e-5)
+    got = wired_loss("srppo", make_batch(), {"length_normalise": length_normalise})[0].item()
+    assert got == pytest.approx(seq_mean_token_mean(losses), rel=1e-5)
 
 
 def test_dcpo_dynamic_bounds_sas_token_mean():
-    times, h_mean, h_std = [3, 3, 2, 2], [0.6, 0.6, 0.3, 0.3], [0.4, 0.4, 0.2, 0.2]
+    times, h_mean, h_std = [3, 3, 2, 2], [0.8, 0.8, 0.3, 0.3], [0.5, 0.5, 0.2, 0.2]   # row 0 takes SA_total
     step_adv = group_advantage(REWARDS, GROUPS, True)
     adv = []
     for i in range(B):
@@ -194,12 +197,13 @@ def test_asymre_shifted_baseline_with_importance_weight():
     assert wired_loss("asymre", make_batch())[0].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
-def test_empg_entropy_modulated_steps():
+@pytest.mark.parametrize("scale", [1.0, 0.1])   # 0.1: entropies spanning less than 1
+def test_empg_entropy_modulated_steps(scale):
     outcome = group_advantage(REWARDS, GROUPS, True)
     steps = {}                                                                 # (row, step) -> token entropies
     for i, n in enumerate(lengths()):
         for t in range(n):
-            steps.setdefault((i, STEP_IDS[i][t]), []).append(ENTROPY[i][t])
+            steps.setdefault((i, STEP_IDS[i][t]), []).append(scale * ENTROPY[i][t])
     H = {key: sum(v) / len(v) for key, v in steps.items()}
     lo, hi = min(H.values()), max(H.values())
     Hn = {key: (h - lo) / (hi - lo) for key, h in H.items()}
@@ -214,7 +218,9 @@ def test_empg_entropy_modulated_steps():
                 a += 0.05 * math.exp(-Hn[(i, s + 1)])
             row.append(TIS[i][t] * ppo_token(i, t, a, 0.8, 1.2))
         losses.append(row)
-    assert wired_loss("empg", make_batch())[0].item() == pytest.approx(seq_mean_token_mean(losses), rel=1e-5)
+    batch = make_batch()
+    batch.entropy = batch.entropy * scale
+    assert wired_loss("empg", batch)[0].item() == pytest.approx(seq_mean_token_mean(losses), rel=1e-5)
 
 
 CHORD_EXPERT, CHORD_GROUPS, CHORD_REWARDS = [False, False, False, True], [0, 0, 1, 2], [1.0, 0.0, 0.0, 0.0]
@@ -312,3 +318,18 @@ def test_loop_scores_the_reference_model_at_t1_and_the_policy_at_the_sampling_te
             torch.testing.assert_close(getattr(batch, f"{name}_logprobs"), own)
         assert not torch.allclose(batch.ref_logprobs, token_logprobs(policy, ids, attention, 3, 1.0), atol=1e-3)
         torch.testing.assert_close(batch.old_logprobs, token_logprobs(policy, ids, attention, 3, 0.5))
+
+
+def test_sas_tie_takes_sa_total():
+    """|SA_new| = |SA_total| with opposite signs (A_new = 1, A_total = -1, i = 3): the rule keeps SA_total."""
+    from alignflow.algorithms.dcpo import smooth_standardised
+    one = torch.ones(1)
+    got = smooth_standardised(one, one * 0, one, one * 2, one, one * 3, 0.0)
+    assert got.item() == pytest.approx(1 / 3 - 2 / 3)
+
+
+def test_chord_mu_over_a_one_step_run():
+    from alignflow.algorithms.chord import chord_mu
+    hp = {"mu_peak": 0.9, "mu_valley": 0.05, "mu_warmup": 0.0, "mu_decay": 1.0}
+    assert chord_mu(1, 1, hp) == pytest.approx(0.05)                 # progress 1 = the end of the decay
+    assert chord_mu(0, 0, hp) == pytest.approx(0.9)                  # a zero-length run does not divide by 0

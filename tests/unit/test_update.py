@@ -22,16 +22,18 @@ class ToyPolicy(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.5, -0.4]))
 
     def forward(self, input_ids, attention_mask, completion_len, temperature):
+        assert attention_mask is not None
         return F.log_softmax(self.w / temperature, -1)[input_ids[:, -completion_len:]]
 
 
 IDS = torch.tensor([[0, 1, 2], [3, 3, 1], [4, 0, 0], [2, 1, 3]])
+B_ROWS = 4
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
 
 
 def toy_batch(policy):
     with torch.no_grad():
-        old = policy(IDS, None, T, 1.0) * MASK
+        old = policy(IDS, torch.ones_like(IDS), T, 1.0) * MASK
     return RolloutBatch(input_ids=IDS, attention_mask=torch.ones_like(IDS), completion_mask=MASK,
                         rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]), group_ids=torch.tensor([0, 0, 1, 1]),
                         old_logprobs=old, rollout_logprobs=old.clone())
@@ -71,13 +73,19 @@ def test_two_mini_batches_are_two_sgd_steps_each_normalised_over_its_own_rows(mi
     w = policy.w.detach().clone()
     metrics, scheduler, batch, adv = run_update(policy, RLConfig(mini_batches=2, grad_clip=1e9,
                                                                  micro_batch_size=micro_batch_size))
+    clip_fracs = []
     for rows in ([0, 1], [2, 3]):                       # contiguous mini-batches, old log-probs from the rollout
+        tokens = [(i, t) for i in rows for t in range(int(MASK[i].sum()))]
+        logp = F.log_softmax(w, -1)
+        ratios = [math.exp(logp[IDS[i, t]] - batch.old_logprobs[i, t]) for i, t in tokens]
+        clip_fracs.append(sum(not 0.8 <= r <= 1.2 for r in ratios) / len(tokens))   # over real tokens
         w = w.requires_grad_(True)
         (grad,) = torch.autograd.grad(grpo_loss_by_hand(w, rows, batch, adv), w)
         w = (w - 2.0 * grad).detach()
     torch.testing.assert_close(policy.w.detach(), w, rtol=1e-5, atol=1e-6)
     assert metrics["optimizer_steps"] == 2 and metrics["mini_batches"] == 2 and scheduler.last_epoch == 2
-    assert metrics["clip_frac"] > 0                      # the second step saw ratios outside [0.8, 1.2]
+    assert clip_fracs[0] == 0 and clip_fracs[1] > 0     # the second step saw ratios outside [0.8, 1.2]
+    assert metrics["clip_frac"] == pytest.approx(sum(clip_fracs) / 2)
 
 
 def test_epochs_times_mini_batches_optimizer_steps_and_one_step_never_clips():
@@ -101,7 +109,9 @@ def test_preset_default_applies_unless_the_config_says():
 
 
 def test_a_skipped_update_does_not_step_the_scheduler_or_the_weights(monkeypatch):
+    from alignflow import faults
     monkeypatch.setenv("ALIGNFLOW_FAULT", "nan:rl:901")
+    monkeypatch.setattr(faults, "_fired", set())          # a fault fires once per process: rerunnable test
     policy = ToyPolicy()
     start = policy.w.detach().clone()
     metrics, scheduler, _, _ = run_update(policy, RLConfig(mini_batches=1), step=900)
@@ -117,3 +127,113 @@ def test_opmd_proximal_term_has_a_gradient_from_the_second_step():
     assert first["opmd/prox_grad"] == 0.0               # one step per rollout: s = s_old, no gradient
     several, _, _, _ = run_update(ToyPolicy(), RLConfig(mini_batches=2), algo="opmd")
     assert several["opmd/prox_grad"] > 1e-3
+
+
+# ---------------------------------------------------------------- slicing, faults, DDP hooks (fast, toy policy)
+def test_micro_batches_change_only_the_slicing_not_the_metrics():
+    whole, _, batch, adv = run_update(ToyPolicy(), RLConfig(mini_batches=2, grad_clip=1e9))
+    sliced, _, _, _ = run_update(ToyPolicy(), RLConfig(mini_batches=2, grad_clip=1e9, micro_batch_size=1))
+    w = ToyPolicy().w.detach().clone()
+    losses = []
+    for rows in ([0, 1], [2, 3]):
+        w = w.requires_grad_(True)
+        loss = grpo_loss_by_hand(w, rows, batch, adv)
+        (grad,) = torch.autograd.grad(loss, w)
+        losses.append(loss.item())
+        w = (w - 2.0 * grad).detach()
+    assert whole["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)      # the mean over the optimizer steps
+    for key in ("loss", "grad_norm", "clip_frac"):
+        assert sliced[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    assert whole["micro_batches"] == 1 and sliced["micro_batches"] == 2 and whole["lr"] == 2.0
+    whole, _, _, _ = run_update(ToyPolicy(), RLConfig(mini_batches=1, ppo_epochs=3, grad_clip=1e9), lr=3.0)
+    sliced, _, _, _ = run_update(ToyPolicy(), RLConfig(mini_batches=1, ppo_epochs=3, grad_clip=1e9,
+                                                       micro_batch_size=1), lr=3.0)
+    assert whole["clip_frac"] > 0 and sliced["clip_frac"] == pytest.approx(whole["clip_frac"], rel=1e-5)
+
+
+class NoSyncPolicy(ToyPolicy):
+    """Records DDP's no_sync: gradients must be all-reduced once per optimizer step, on its last slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.no_sync_entries = 0
+
+    def no_sync(self):
+        import contextlib
+        self.no_sync_entries += 1
+        return contextlib.nullcontext()
+
+    def forward(self, input_ids, attention_mask, completion_len, temperature):
+        assert attention_mask is not None and attention_mask.shape == input_ids.shape
+        return super().forward(input_ids, attention_mask, completion_len, temperature)
+
+
+def test_only_the_last_slice_of_a_mini_batch_all_reduces():
+    policy = NoSyncPolicy()
+    run_update(policy, RLConfig(mini_batches=2, micro_batch_size=1))       # 2 steps x 2 slices
+    assert policy.no_sync_entries == 2
+
+
+def test_oom_retries_in_smaller_slices_and_keeps_them(monkeypatch, caplog):
+    from alignflow import faults
+    monkeypatch.setenv("ALIGNFLOW_FAULT", "oom:rl:31")
+    monkeypatch.setattr(faults, "_fired", set())
+    counters = UpdateCounters()
+    policy, cfg = ToyPolicy(), RLConfig(mini_batches=1)
+    batch, adv = toy_batch(policy), torch.ones(B_ROWS, T)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    algo = ALGORITHMS["grpo"]
+    metrics = update_policy(policy, policy, optimizer, scheduler, batch, adv, MASK.float(), algo, algo.hparams({}),
+                            cfg, counters, 5, 30)
+    assert metrics["micro_batches"] == 2 and counters.slice_rows == 2
+    assert "rl step 31: out of memory; retrying the update in 2 micro-batches" in caplog.text
+    again = update_policy(policy, policy, optimizer, scheduler, batch, adv, MASK.float(), algo, algo.hparams({}),
+                          cfg, counters, 5, 31)
+    assert again["micro_batches"] == 2                                     # the smaller slices are kept
+
+
+def test_a_nan_step_is_skipped_and_the_next_mini_batch_still_steps(monkeypatch):
+    from alignflow import faults
+    monkeypatch.setenv("ALIGNFLOW_FAULT", "nan:rl:41")
+    monkeypatch.setattr(faults, "_fired", set())
+    policy = ToyPolicy()
+    batch = toy_batch(policy)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    counters, algo = UpdateCounters(), ALGORITHMS["grpo"]
+    metrics = update_policy(policy, policy, optimizer, scheduler, batch, torch.ones(B_ROWS, T), MASK.float(), algo,
+                            algo.hparams({}), RLConfig(mini_batches=2), counters, 5, 40)
+    assert metrics["optimizer_steps"] == 1 and scheduler.last_epoch == 1
+    assert counters.skipped == 1 and counters.nonfinite_in_row == 0        # reset by the good step after it
+    monkeypatch.setattr(faults, "_fired", set())
+    with pytest.raises(NonFiniteLossError, match="1 non-finite losses/gradients in a row at step 41"):
+        update_policy(policy, policy, optimizer, scheduler, batch, torch.ones(B_ROWS, T), MASK.float(), algo,
+                      algo.hparams({}), RLConfig(mini_batches=2), UpdateCounters(), 1, 40)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(monkeypatch):
+    from alignflow.train import update as update_module
+    monkeypatch.setattr(update_module.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    policy = ToyPolicy()
+    start = policy.w.detach().clone()
+    metrics, scheduler, _, _ = run_update(policy, RLConfig(mini_batches=1))
+    assert metrics["optimizer_steps"] == 0 and scheduler.last_epoch == 0 and torch.equal(policy.w.detach(), start)
+
+
+def test_counters_count_skips_and_name_the_step():
+    counters = UpdateCounters()
+    counters.skip(3, 6)
+    assert counters.skipped == 1 and counters.nonfinite_in_row == 1
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses/gradients in a row at step 7"):
+        counters.skip(2, 6)
+
+
+def test_rows_of_slices_per_response_fields_and_keeps_the_whole_batch():
+    from alignflow.train.update import rows_of
+    batch = toy_batch(ToyPolicy())
+    batch.extras = {"k": 1}
+    part = rows_of(batch, torch.tensor([1, 3]))
+    assert part.extras["whole"] is batch and part.extras["k"] == 1
+    assert part.rewards.tolist() == [0.0, 1.0] and torch.equal(part.input_ids, IDS[[1, 3]])
+    assert part.step == batch.step and part.prompts == batch.prompts
