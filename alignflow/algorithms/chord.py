@@ -20,7 +20,8 @@ import math
 import torch
 
 from alignflow.algorithms import grpo  # noqa: F401  (registers group_std)
-from alignflow.algorithms.core import POLICY_LOSSES, Algorithm, RolloutBatch, clipped_ratio, register_algorithm
+from alignflow.algorithms.core import (POLICY_LOSSES, Algorithm, BatchCounts, RolloutBatch, clipped_ratio,
+                                       register_algorithm)
 
 
 def chord_mu(step: int, total_steps: int, hp: dict) -> float:
@@ -46,9 +47,10 @@ def chord_loss(logp: torch.Tensor, batch: RolloutBatch, adv: torch.Tensor, hp: d
     sft_loss = -weight * logp                                                         # [B, T]
     expert = batch.is_expert[:, None]                                                 # [B, 1]
     mask = batch.completion_mask.float()
-    whole = batch.extras.get("whole", batch)  # token counts of the whole step's batch, also in a micro-batch
-    whole_mask = whole.completion_mask.float()
-    n_all, n_sft = whole_mask.sum(), (whole_mask * whole.is_expert[:, None]).sum()
+    # token counts of the loss's whole (mini-)batch, over every rank under DDP: the loop puts them in extras,
+    # so a micro-batch slice still scales by the batch's counts; without them, this batch's own
+    counts = batch.extras.get("counts") or BatchCounts.of(mask, batch.is_expert)
+    n_all, n_sft = torch.tensor(counts.tokens), torch.tensor(counts.expert_tokens)
     n_rl = n_all - n_sft
     mu = chord_mu(batch.step, batch.total_steps, hp)
     # token_mean divides by n_all; these factors turn it into (1 - mu) mean_RL + mu mean_SFT

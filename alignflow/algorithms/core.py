@@ -2,7 +2,7 @@
 
     advantage(batch, hp)              -> [B, T] per-token advantages (no grad)
     policy_loss(logp, batch, adv, hp) -> ([B, T] per-token loss, metrics)
-    loss_agg(token_loss, mask, hp)    -> scalar
+    loss_agg(token_loss, mask, hp, counts=None) -> scalar   (counts: BatchCounts of the batch, global under DDP)
     rollout(source, hp)               -> (RolloutBatch, metrics)   how a step's rollouts are produced
 
 An `Algorithm` is a named preset of these plus the extra inputs it `needs` (see NEEDS), so the loop computes
@@ -184,23 +184,44 @@ def per_token(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
     return values.to(batch.completion_mask.device)[:, None].expand(-1, batch.completion_len)
 
 
+@dataclass(frozen=True)
+class BatchCounts:
+    """What the aggregations divide by: counts of the batch the loss is over. Under DDP that batch is the union
+    of every rank's (mini-)batch, so the counts are all-reduced (alignflow/train/update.py) and every rank divides
+    its partial sums by the same global numbers, as one process holding all the rows would."""
+    rows: float            # responses
+    tokens: float          # generated tokens (completion-mask ones)
+    width: int             # longest completion T (the ranks' maximum)
+    expert_tokens: float = 0.0   # generated tokens of expert rows (CHORD)
+
+    @staticmethod
+    def of(mask: torch.Tensor, is_expert: torch.Tensor | None = None) -> "BatchCounts":
+        """The counts of one process's [B, T] completion mask."""
+        expert = float((mask * is_expert[:, None].to(mask.device)).sum()) if is_expert is not None else 0.0
+        return BatchCounts(rows=mask.shape[0], tokens=float(mask.sum()), width=mask.shape[1], expert_tokens=expert)
+
+
 @LOSS_AGGS.register("seq_mean_token_mean")
-def seq_mean_token_mean(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict) -> torch.Tensor:
-    """GRPO: mean over each response's tokens, then over responses."""
+def seq_mean_token_mean(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict,
+                        counts: BatchCounts | None = None) -> torch.Tensor:
+    """GRPO: mean over each response's tokens, then over the batch's responses (counts.rows)."""
     per_seq = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_seq.mean()
+    return per_seq.sum() / (counts or BatchCounts.of(mask)).rows
 
 
 @LOSS_AGGS.register("token_mean")
-def token_mean(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict) -> torch.Tensor:
-    """DAPO/DCPO: mean over all response tokens of the batch."""
-    return (token_loss * mask).sum() / mask.sum().clamp(min=1)
+def token_mean(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict,
+               counts: BatchCounts | None = None) -> torch.Tensor:
+    """DAPO/DCPO: mean over all response tokens of the batch (counts.tokens)."""
+    return (token_loss * mask).sum() / max((counts or BatchCounts.of(mask)).tokens, 1.0)
 
 
 @LOSS_AGGS.register("token_sum_norm")
-def token_sum_norm(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict) -> torch.Tensor:
-    """Dr. GRPO: sum over tokens divided by a constant (max completion length x batch size)."""
-    return (token_loss * mask).sum() / (mask.shape[0] * mask.shape[1])
+def token_sum_norm(token_loss: torch.Tensor, mask: torch.Tensor, hp: dict,
+                   counts: BatchCounts | None = None) -> torch.Tensor:
+    """Dr. GRPO: sum over tokens divided by a constant (longest completion x batch size)."""
+    counts = counts or BatchCounts.of(mask)
+    return (token_loss * mask).sum() / (counts.rows * counts.width)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

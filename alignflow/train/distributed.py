@@ -78,6 +78,35 @@ def min_across_ranks(value: int) -> int:
     return int(t.item())
 
 
+def sum_across_ranks(values):
+    """Sum over the ranks of a float, a 0-d tensor or a list of floats (the same shape back); as is outside
+    torchrun."""
+    if not dist.is_initialized():
+        return values
+    t = torch.as_tensor(values, dtype=torch.float64).to(_collective_device())
+    dist.all_reduce(t)
+    if isinstance(values, torch.Tensor):
+        return t.to(values.device, values.dtype)
+    return t.tolist()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] outside torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_across_ranks(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
     """DDP around `module` when running under torchrun (broadcasts rank 0's weights, then all-reduces grads)."""
     if not dist.is_initialized():

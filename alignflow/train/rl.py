@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from alignflow import checkpoint, faults
 from alignflow.train import distributed
-from alignflow.train.update import NonFiniteLossError, UpdateCounters, update_policy  # noqa: F401 (re-exported)
+from alignflow.train.update import (NonFiniteLossError, UpdateCounters, shared_history_update,  # noqa: F401
+                                    update_policy)
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, ROLLOUTS, RewardHistory, RolloutBatch
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
@@ -171,8 +172,9 @@ def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: Extr
     if "steps" in inputs:
         batch.step_ids = _step_ids(batch, is_separator)
     if "history" in inputs:
-        batch.times_seen, batch.history_mean, batch.history_std = history.update(batch.prompts, batch.rewards,
-                                                                                 batch.group_ids)
+        # every rank's groups go into every rank's history (identical state, so rank 0's checkpoint holds all)
+        batch.times_seen, batch.history_mean, batch.history_std = shared_history_update(
+            history, batch.prompts, batch.rewards, batch.group_ids)
 
 
 def _check_inputs(name: str, inputs: frozenset[str], extra: ExtraModels, prompts, solutions, expert) -> None:

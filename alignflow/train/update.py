@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from alignflow import faults
-from alignflow.algorithms import LOSS_AGGS, POLICY_LOSSES, RolloutBatch
+from alignflow.algorithms import LOSS_AGGS, POLICY_LOSSES, RewardHistory, RolloutBatch
+from alignflow.algorithms.core import BatchCounts
 from alignflow.config import RLConfig
 from alignflow.train import distributed
 from alignflow.train.memory import retry_in_halves
@@ -22,10 +23,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def rows_of(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
-    """The batch restricted to `rows` (every per-response tensor; per-group and scalar fields kept as they are).
-    A policy loss that normalises by whole-batch counts finds the whole batch in `extras["whole"]`."""
+    """The batch restricted to `rows` (every per-response tensor; per-group and scalar fields kept as they are;
+    extras copied, so the loss's BatchCounts in extras["counts"] travel with a slice)."""
     n = len(batch.rewards)
-    return replace(batch, extras={**batch.extras, "whole": batch},
+    return replace(batch, extras=dict(batch.extras),
                    **{f.name: value[rows.to(value.device)] for f in fields(batch)
                       if isinstance(value := getattr(batch, f.name), torch.Tensor) and value.shape[:1] == (n,)})
 
@@ -33,9 +34,11 @@ def rows_of(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
 def _policy_loss_backward(scorer, batch: RolloutBatch, adv: torch.Tensor, mask: torch.Tensor, algo, hp: dict,
                           cfg: RLConfig, micro_batches: int, where: tuple[str, int]) -> tuple[torch.Tensor, dict]:
     """Forward and backward of the policy loss in `micro_batches` row slices, gradients accumulated. Every loss
-    aggregation is linear in the per-token loss with weights that depend on the whole batch's mask only, so a
-    slice's share is the aggregate of a [B, T] loss that holds just its rows, and the shares sum to the one-pass
-    loss (and gradient) exactly. DDP all-reduces once, on the last slice."""
+    aggregation is linear in the per-token loss with weights that depend on the batch's counts only
+    (extras["counts"], global under DDP), so a slice's share is the aggregate of a [B, T] loss that holds just its
+    rows, and the shares sum to the one-pass loss (and gradient) exactly. DDP all-reduces once, on the last slice,
+    and averages over the ranks: each rank's share is scaled by the world size, so the average of the ranks'
+    gradients is the gradient of the global loss. -> (this rank's part of the global loss, metrics)"""
     n, T = mask.shape
     slices = torch.arange(n).tensor_split(micro_batches)
     total, metrics = torch.zeros((), device=mask.device), {}
@@ -46,14 +49,42 @@ def _policy_loss_backward(scorer, batch: RolloutBatch, adv: torch.Tensor, mask: 
             faults.maybe_oom(*where)
             logp = scorer(part.input_ids, part.attention_mask, T, cfg.temperature)
             token_loss, part_metrics = POLICY_LOSSES[algo.policy_loss](logp, part, adv[at], hp)
-            share = LOSS_AGGS[algo.loss_agg](token_loss.new_zeros(n, T).index_copy(0, at, token_loss), mask, hp)
+            share = LOSS_AGGS[algo.loss_agg](token_loss.new_zeros(n, T).index_copy(0, at, token_loss), mask, hp,
+                                             batch.extras.get("counts"))
             share = faults.maybe_nan(*where, share) if last else share
-            share.backward()
+            (share * distributed.world_size()).backward()
         total += share.detach()
         weight = float(mask[at].sum() / mask.sum().clamp(min=1))  # token-weighted: token metrics stay exact
         for key, value in part_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + float(value) * weight
     return total, metrics
+
+
+def global_counts(mask: torch.Tensor, is_expert: torch.Tensor | None) -> BatchCounts:
+    """The loss's normalisers for a mini-batch: rows, tokens and expert tokens summed over the ranks, the longest
+    completion their maximum (DAPO's and POPE's row counts differ between ranks; so do completion lengths)."""
+    local = BatchCounts.of(mask, is_expert)
+    rows, tokens, expert = distributed.sum_across_ranks([local.rows, local.tokens, local.expert_tokens])
+    return BatchCounts(rows=rows, tokens=tokens, width=distributed.max_across_ranks(local.width),
+                       expert_tokens=expert)
+
+
+def shared_history_update(history: RewardHistory, prompts: list[str], rewards: torch.Tensor,
+                          group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DCPO's per-prompt history updated with every rank's groups of this step, as one process holding the whole
+    batch would (a prompt drawn on two ranks counts twice, both groups in its statistics), so every rank keeps the
+    same, complete state and rank 0's checkpoint of it is every rank's. -> this rank's rows' (times_seen, mean,
+    std)"""
+    parts = distributed.all_gather_objects((list(prompts), rewards.tolist(), group_ids.tolist()))
+    all_prompts, all_rewards, all_groups = [], [], []
+    for r, (their_prompts, their_rewards, their_groups) in enumerate(parts):
+        if r == distributed.rank():
+            mine = slice(len(all_rewards), len(all_rewards) + len(their_rewards))
+        all_groups += [g + len(all_prompts) for g in their_groups]
+        all_prompts += their_prompts
+        all_rewards += their_rewards
+    stats = history.update(all_prompts, torch.tensor(all_rewards), torch.tensor(all_groups))
+    return tuple(s[mine] for s in stats)
 
 
 @dataclass
@@ -78,7 +109,8 @@ def update_policy(scorer, model, optimizer, scheduler, batch: RolloutBatch, adv,
     ppo_epochs x (train_batch_size / ppo_mini_batch_size). old_logprobs and advantages stay those of the
     rollout, so after the first step the ratio leaves 1 and the clips bind. A mini-batch is the loss's batch:
     its aggregation normalises over the mini-batch's own tokens and rows (verl does the same), and the
-    micro-batches inside it accumulate to that exactly. The scheduler steps with the optimizer, never on a
+    micro-batches inside it accumulate to that exactly. Under DDP the k-th mini-batch is the union of every rank's
+    k-th, normalised by the counts of that union. The scheduler steps with the optimizer, never on a
     skipped (non-finite) update. -> metrics averaged over the optimizer steps"""
     n = len(batch.rewards)
     n_mini = distributed.min_across_ranks(min(cfg.mini_batches or algo.mini_batches, n))  # same count on all ranks
@@ -86,12 +118,14 @@ def update_policy(scorer, model, optimizer, scheduler, batch: RolloutBatch, adv,
     for _ in range(cfg.ppo_epochs):
         for rows in torch.arange(n).tensor_split(n_mini):
             mini, at = rows_of(batch, rows), rows.to(mask.device)
+            mini.extras["counts"] = global_counts(mask[at], mini.is_expert)
             slices = math.ceil(len(rows) / (counters.slice_rows or len(rows)))
             (loss, loss_metrics), used = retry_in_halves(
                 lambda k: _policy_loss_backward(scorer, mini, adv[at], mask[at], algo, hp, cfg, k, ("rl", step + 1)),
                 slices, len(rows), optimizer, f"rl step {step + 1}")
             if used > slices:  # out of memory: keep the smaller slices for the rest of the run
                 counters.slice_rows = math.ceil(len(rows) / used)
+            loss = distributed.sum_across_ranks(loss)   # the global loss: every rank skips (or steps) alike
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             per_step.append({"loss": loss.item(), "grad_norm": grad_norm.item(), "micro_batches": used,
                              **loss_metrics})

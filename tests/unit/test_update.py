@@ -229,11 +229,12 @@ def test_counters_count_skips_and_name_the_step():
         counters.skip(2, 6)
 
 
-def test_rows_of_slices_per_response_fields_and_keeps_the_whole_batch():
+def test_rows_of_slices_per_response_fields_and_copies_extras():
     from alignflow.train.update import rows_of
     batch = toy_batch(ToyPolicy())
     batch.extras = {"k": 1}
     part = rows_of(batch, torch.tensor([1, 3]))
-    assert part.extras["whole"] is batch and part.extras["k"] == 1
+    part.extras["counts"] = "set on the slice"
+    assert part.extras["k"] == 1 and "counts" not in batch.extras      # a copy: the rollout batch is untouched
     assert part.rewards.tolist() == [0.0, 1.0] and torch.equal(part.input_ids, IDS[[1, 3]])
     assert part.step == batch.step and part.prompts == batch.prompts
