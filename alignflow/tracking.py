@@ -9,6 +9,7 @@ inputs, its resolved config and its datasets.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 from contextlib import contextmanager
@@ -117,11 +118,17 @@ def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[
         yield run
 
 
+def metric_name(key: str) -> str:
+    """An MLflow-legal metric name: it allows alphanumerics, _ - . / : and spaces, so `pass@4` becomes `pass_at_4`."""
+    key = key.replace("@", "_at_")
+    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", key)
+
+
 def log_metrics(metrics: dict, step: int | None = None) -> None:
+    numbers = {metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if _file_run is not None:
-        return _file_run.write("metrics", metrics={k: float(v) for k, v in metrics.items()
-                                                    if isinstance(v, (int, float))}, step=step)
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        return _file_run.write("metrics", metrics=numbers, step=step)
+    mlflow.log_metrics(numbers, step=step)
 
 
 def log_dataset(path: Path, name: str, context: str) -> None:

@@ -148,3 +148,10 @@ def test_validate_data_maps_columns(tmp_path):
     assert "map one with columns" in (tmp_path / "q.jsonl").read_text()
     assert validate_data([str(path)], tmp_path / "q.jsonl", split="rl",
                          columns={"prompt": "question", "answer": "target"}) == 0
+
+
+def test_metric_names_are_legal_for_mlflow():
+    from alignflow.tracking import metric_name
+    assert metric_name("metrics.sft.eval.exact_match.pass@4") == "metrics.sft.eval.exact_match.pass_at_4"
+    assert metric_name("reward/my fn:v2") == "reward/my fn:v2"   # what MLflow allows stays
+    assert metric_name("acc(τ)") == "acc__"
