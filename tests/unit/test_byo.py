@@ -154,4 +154,4 @@ def test_metric_names_are_legal_for_mlflow():
     from alignflow.tracking import metric_name
     assert metric_name("metrics.sft.eval.exact_match.pass@4") == "metrics.sft.eval.exact_match.pass_at_4"
     assert metric_name("reward/my fn:v2") == "reward/my fn:v2"   # what MLflow allows stays
-    assert metric_name("acc(τ)") == "acc__"
+    assert metric_name("acc(τ)") == "acc___"  # (, τ and ) each replaced
