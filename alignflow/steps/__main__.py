@@ -68,12 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tracked(ctx, args.stage, fn, curve)
 
 
+def _peak_gpu_memory() -> dict:
+    """The stage's peak GPU memory (torch's allocator, this process), when it ran on CUDA."""
+    import torch
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
+
+
 def _run_tracked(ctx, stage: str, fn, curve: str | None) -> int:
     started = time.time()
     stage_cfg = getattr(ctx.cfg, ctx.name)
     with tracked(ctx, stage_cfg.model_dump()):
         metrics = fn(ctx)
         metrics["seconds"] = round(time.time() - started, 1)
+        metrics.update(_peak_gpu_memory())
         if distributed.world_size() > 1:
             metrics["world_size"] = distributed.world_size()
         if stage == "scores":

@@ -10,7 +10,7 @@ from alignflow import models
 from alignflow.data.rows import TaskRows, read_rows
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
-from alignflow.train import distributed, lora, rl, supervised
+from alignflow.train import distributed, fast, lora, rl, supervised
 from alignflow.stage import StageContext, read_split
 
 
@@ -61,16 +61,26 @@ def supervised_finetune(ctx: StageContext) -> dict:
         return {"val_score": s["value"]}
 
     target = cfg.stop_at_score if n_val else None
-    result = supervised.train_lm(
-        model, supervised.sft_batches(examples, cfg.batch_size, tokenizer.pad_token_id, generator), generator,
+    result = train_sft(
+        model, tokenizer, examples, cfg.batch_size, generator, ctx.cfg.precision,
         steps=cfg.steps, lr=cfg.lr, ckpt_dir=ctx.ckpt, checkpoint_every=cfg.checkpoint_every,
         on_log=ctx.log_step, validate=validate, validate_every=cfg.eval_every,
-        stop=(lambda m: m["val_score"] >= target) if target is not None else None, desc="sft",
-        precision=ctx.cfg.precision)
+        stop=(lambda m: m["val_score"] >= target) if target is not None else None, desc="sft")
     models.save(model, tokenizer, ctx.layout.sft)
     final = validate()
     return {"steps": result.resumed_from + result.steps_run, "stopped_early": result.stopped_early,
             "final_loss": result.last_loss, "resumed_from_step": result.resumed_from, **final}
+
+
+def train_sft(model, tokenizer, examples, batch_size: int, generator: torch.Generator, precision: str,
+              **kw) -> supervised.TrainResult:
+    """The SFT / teacher training loop. On CUDA with precision bf16 and a plain Qwen2/Llama-family decoder
+    (fast.sft_packed_applies): the packed varlen trainer, fast.train_sft_packed (same draws, loss, schedule and
+    checkpoints; docs/performance.md). Everywhere else (CPU, fp32, LoRA): supervised.train_lm, unchanged."""
+    if fast.sft_packed_applies(model, precision):
+        return fast.train_sft_packed(model, examples, batch_size, tokenizer.pad_token_id, generator, **kw)
+    return supervised.train_lm(model, supervised.sft_batches(examples, batch_size, tokenizer.pad_token_id, generator),
+                               generator, precision=precision, **kw)
 
 
 def _sft_split(ctx: StageContext, n_val_max: int = 200) -> tuple[TaskRows, TaskRows]:
@@ -107,10 +117,10 @@ def train_teacher(layout, cfg, out: Path, ckpt_dir: Path, on_log) -> supervised.
     demos = read_rows(layout.curated, "sft")
     examples = supervised.sft_examples(tokenizer, demos.messages, demos.responses, stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    result = supervised.train_lm(
-        model, supervised.sft_batches(examples, cfg.teacher.batch_size, tokenizer.pad_token_id, generator), generator,
+    result = train_sft(
+        model, tokenizer, examples, cfg.teacher.batch_size, generator, cfg.precision,
         steps=cfg.teacher.steps, lr=cfg.teacher.lr, ckpt_dir=ckpt_dir, checkpoint_every=100, on_log=on_log,
-        desc="teacher", precision=cfg.precision)
+        desc="teacher")
     models.save(model, tokenizer, out)
     return result
 
