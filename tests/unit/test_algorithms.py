@@ -195,3 +195,15 @@ def test_reward_history_with_fractional_rewards_and_two_samples():
     assert times.tolist() == [1, 1] and mean.tolist() == [0.75, 0.75]
     assert std[0].item() == pytest.approx(math.sqrt(0.125))               # unbiased: ((.25)^2 * 2) / (2 - 1)
     assert history.state_dict()["stats"].dtype == torch.float64
+
+
+def test_aggregations_divide_by_the_given_batch_counts():
+    """Under DDP the counts are the global batch's: the aggregation divides this rank's sums by them."""
+    from alignflow.algorithms.core import BatchCounts
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    counts = BatchCounts(rows=5, tokens=10.0, width=4)
+    assert LOSS_AGGS["seq_mean_token_mean"](loss, mask, {}, counts).item() == pytest.approx((2.0 + 4.0) / 5)
+    assert LOSS_AGGS["token_mean"](loss, mask, {}, counts).item() == pytest.approx(10.0 / 10)
+    assert LOSS_AGGS["token_sum_norm"](loss, mask, {}, counts).item() == pytest.approx(10.0 / 20)
+    assert LOSS_AGGS["token_mean"](loss * 0, mask * 0, {}).item() == 0.0          # no tokens: no division by 0

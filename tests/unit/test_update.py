@@ -238,3 +238,73 @@ def test_rows_of_slices_per_response_fields_and_copies_extras():
     assert part.extras["k"] == 1 and "counts" not in batch.extras      # a copy: the rollout batch is untouched
     assert part.rewards.tolist() == [0.0, 1.0] and torch.equal(part.input_ids, IDS[[1, 3]])
     assert part.step == batch.step and part.prompts == batch.prompts
+
+
+def test_one_process_counts_and_history_are_the_local_ones():
+    from alignflow.algorithms import RewardHistory
+    from alignflow.algorithms.core import BatchCounts
+    from alignflow.train.update import global_counts, shared_history_update
+    counts = global_counts(MASK.float(), torch.tensor([False, True, False, True]))
+    assert counts == BatchCounts(rows=4, tokens=9.0, width=3, expert_tokens=5.0)
+    assert global_counts(MASK.float(), None).expert_tokens == 0.0
+    rewards, groups = torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0, 0, 1, 1])
+    shared = shared_history_update(RewardHistory(), ["a", "b"], rewards, groups)
+    local = RewardHistory().update(["a", "b"], rewards, groups)
+    for got, want in zip(shared, local):
+        assert torch.equal(got, want)
+
+
+@pytest.fixture
+def twin_rank(monkeypatch):
+    """Pretend to be rank 0 of two whose other rank holds an identical batch (its counts, its sums): the
+    all-reduced normalisers double, DDP's average of two equal gradients is that gradient - so the step must be
+    exactly the one-process step, and any normaliser or share-scaling left local shows."""
+    from alignflow.train import distributed
+    twice = lambda v: [2 * x for x in v] if isinstance(v, list) else v * 2   # noqa: E731
+    monkeypatch.setattr(distributed, "sum_across_ranks", twice)
+    monkeypatch.setattr(distributed, "max_across_ranks", lambda v: v)
+    monkeypatch.setattr(distributed, "min_across_ranks", lambda v: v)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "dr_grpo", "chord"])
+def test_a_twin_rank_takes_the_one_process_step(algo, request):
+    def run():
+        policy = ToyPolicy()
+        batch = toy_batch(policy)
+        batch.is_expert, batch.step, batch.total_steps = torch.tensor([False, False, False, True]), 1, 4
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        algorithm = ALGORITHMS[algo]
+        metrics = update_policy(policy, policy, optimizer, scheduler, batch, torch.ones(B_ROWS, T) * 0.5,
+                                MASK.float(), algorithm, algorithm.hparams({}),
+                                RLConfig(mini_batches=1, ppo_epochs=2, grad_clip=1e9, micro_batch_size=2),
+                                UpdateCounters(slice_rows=2), 5, 0)
+        return policy.w.detach(), metrics["loss"]
+    alone_w, alone_loss = run()
+    request.getfixturevalue("twin_rank")
+    twin_w, twin_loss = run()
+    torch.testing.assert_close(twin_w, alone_w, rtol=1e-5, atol=1e-7)
+    assert twin_loss == pytest.approx(alone_loss, rel=1e-5)
+
+
+def test_history_takes_every_ranks_groups(monkeypatch):
+    from alignflow.algorithms import RewardHistory
+    from alignflow.train import distributed
+    from alignflow.train.update import shared_history_update
+    theirs = (["b", "c"], [0.0, 0.0, 0.5, 1.0], [0, 0, 1, 1])
+    for me in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda: me)
+        monkeypatch.setattr(distributed, "all_gather_objects", lambda obj: [obj, theirs] if me == 0 else [theirs, obj])
+        history = RewardHistory()
+        got = shared_history_update(history, ["a", "b"], torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1]))
+        one = RewardHistory()
+        ours = (["a", "b"], [1.0, 0.0, 1.0, 1.0])
+        order = (ours, theirs[:2]) if me == 0 else (theirs[:2], ours)
+        want = one.update(order[0][0] + order[1][0], torch.tensor(order[0][1] + order[1][1]),
+                          torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        mine = slice(0, 4) if me == 0 else slice(4, 8)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w[mine])
+        assert history.state_dict()["prompts"] == one.state_dict()["prompts"]
+        assert torch.equal(history.state_dict()["stats"], one.state_dict()["stats"])
