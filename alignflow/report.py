@@ -131,8 +131,10 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
         "<h2>Learning curves</h2>", *_curves(layout),
         "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
         "<h2>Selection quality: SharpeRatio@k per estimator</h2>", _sharpe(layout, selection), _table(sel_rows),
-        "<h2>VSDR ranking</h2>", _table(vsdr_rows),
-        _table([{"candidate": n, "vsdr_score": s} for n, s in sorted(scores.items(), key=lambda kv: -kv[1])]),
+        "<h2>VSDR ranking</h2>",
+        *([f"<p>Skipped: {html.escape(vsdr['skipped'])}.</p>"] if "skipped" in vsdr else
+          [_table(vsdr_rows),
+           _table([{"candidate": n, "vsdr_score": s} for n, s in sorted(scores.items(), key=lambda kv: -kv[1])])]),
     ]
     style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
     path = layout.reports / "report.html"

@@ -72,8 +72,8 @@ def ope(pipeline: str = "tiny") -> dict:
             ood = {n: ood_scores(d, real, reference, ctx.cfg.logged.max_new_tokens) for n, d in dirs.items()}
             vsdr = core.vsdr_scores(sim, {n: s["entropy"] for n, s in ood.items()})
         else:
-            ood, vsdr = {}, {"skipped": "no real split (unlabelled traffic) in the data: VSDR needs one"}
-            print(f"VSDR skipped: {vsdr['skipped']}")
+            ood, vsdr = {}, None
+            print("VSDR skipped: no real split (unlabelled traffic) in the data; VSDR needs one")
 
         if promoted:
             version = tracking.register_policy(dirs[champion], registered_name, "champion", tags={
@@ -84,7 +84,8 @@ def ope(pipeline: str = "tiny") -> dict:
             version = None
         print(f"champion {champion}: {why}")
         metrics = {"estimators": {e: {"estimates": r["estimates"], "ess": r["ess"]} for e, r in own.items()},
-                   "vsdr": {"scores": vsdr, "ood_scores": ood, "sim_values": sim},
+                   "vsdr": ({"scores": vsdr, "ood_scores": ood, "sim_values": sim} if vsdr is not None else
+                            {"skipped": "no real split (unlabelled traffic) in the data: VSDR needs one"}),
                    "rule": f"{cfg.select.estimator}:{cfg.select.rule}", "champion": champion,
                    "promoted": promoted, "promotion_reason": why, "registered_model": registered_name,
                    "registered_version": version,
