@@ -4,6 +4,7 @@ back through `models.load` exactly as a pipeline's `base.path` loads a user's ch
 
 The device machines have no weights and no network, so the shapes are built there (a few seconds on the GPU).
 The tokenizer: byte-level BPE trained with `tokenizers` on the arithmetic generator's text (plus a little English),
+Qwen2's pre-tokenizer (digits split one by one),
 its vocabulary filled with unreachable `<|extra_i|>` entries up to Qwen2.5's 151,643 regular tokens, then Qwen's
 special tokens <|endoftext|> = 151643, <|im_start|> = 151644, <|im_end|> = 151645 (the model's embedding has
 151,936 rows, as Qwen's: the last 290 belong to no token). Random init (transformers' default, std 0.02), saved
@@ -48,7 +49,8 @@ def corpus_text(n: int = 20000, seed: int = 0) -> list[str]:
     """Lines the tokenizer is trained on: the arithmetic task's prompts and worked answers, plus some words."""
     from alignflow.data.task import generate
     rows = generate(seed=seed, n_sft=n, n_rl=10, n_logged=10, n_eval=10, n_ood=10, n_real=10, n_corpus=10)["sft"]
-    words = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+    words = ("user assistant system the of and to in is you that it he was for on are as with his they at be this "
+             "have from or one had by "
              "word but not what all were we when your can said there use an each which she do how their if will up "
              "other about out many then them these so some her would make like him into time has look two more").split()
     rng = random.Random(seed)
@@ -56,11 +58,20 @@ def corpus_text(n: int = 20000, seed: int = 0) -> list[str]:
     return [f"{r['prompt']} {r['response']}" for r in rows] + english
 
 
+def qwen_pre_tokenizer():
+    """Qwen2's pre-tokenizer (its tokenizer.json): the GPT-4-style split with every digit on its own, then bytes."""
+    from tokenizers import Regex, pre_tokenizers
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def build_tokenizer(train_vocab: int = 8000):
     from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(tk_models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = qwen_pre_tokenizer()
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=train_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -72,7 +83,7 @@ def build_tokenizer(train_vocab: int = 8000):
     assert len(vocab) == REGULAR
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
     full = Tokenizer(tk_models.BPE(vocab=vocab, merges=merges))
-    full.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    full.pre_tokenizer = qwen_pre_tokenizer()
     full.decoder = decoders.ByteLevel()
     full.add_special_tokens(SPECIALS)
     tok = PreTrainedTokenizerFast(tokenizer_object=full, eos_token="<|im_end|>", pad_token="<|endoftext|>",
