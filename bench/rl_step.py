@@ -10,8 +10,9 @@ update epoch, beta = 0, temperature 1, same learning rate. Writes bench/results/
     python bench/rl_step.py --device cuda --engine static --shape 0.5b --new-tokens 256 \
         --out bench/results/rl_step_gpu.json                                         # GPU (issue 7)
 
-On CUDA both sides train fp32 master weights under bf16 autocast (TRL: bf16=True); alignflow samples from a bf16
-copy in its static engine, synced (and verified) after every update.
+alignflow's side is `rl.train_candidate` itself (the RL stage's function, code_path in the JSON) with the engine the
+stage builds; TRL trains fp32 master weights under bf16 autocast on CUDA (bf16=True). The GPU figures at users'
+shapes come from bench/shape_bench.py, which uses this file's `bench_trl` for the peer.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing (th
 import torch  # noqa: E402
 
 from alignflow import models  # noqa: E402
-from alignflow.algorithms import ADVANTAGES, ALGORITHMS, LOSS_AGGS, POLICY_LOSSES  # noqa: E402
 from alignflow.config import RLConfig, TinyModelConfig  # noqa: E402
 from alignflow.data.task import generate  # noqa: E402
 from alignflow.rewards import accuracy_reward  # noqa: E402
@@ -66,61 +66,28 @@ def task_rows(n: int = 512):
 
 
 def bench_alignflow(model, tok, steps: int, engine_name: str, new_tokens: int) -> tuple[float, dict]:
-    """The real loop's pieces, timed per phase (the same calls train_candidate makes)."""
-    from alignflow.rollout import make_engine, token_logprobs
+    """`rl.train_candidate` itself, the RL stage's function (GRPO, one optimizer step per rollout like TRL's default,
+    the engine the stage would build: `make_engine(engine_name, model, tok)`), timed by its own per-step phase
+    figures; the first step is warm-up (compile, graph capture)."""
+    from alignflow.config import CandidateConfig
+    from alignflow.data.rows import TaskRows
+    from alignflow.rewards import RewardSet
     prompts, answers = task_rows()
-    cfg = RLConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=new_tokens)
-    algo = ALGORITHMS["grpo"]
-    hp = algo.hparams({})
-    device = model.device
-    if engine_name == "static" and device.type == "cuda":  # samples from its own bf16 copy, synced every step
-        from alignflow.rollout.static_engine import StaticCacheEngine
-        # bf16 samples vs the fp32 trainer: log-probs differ by rounding (~1e-2), not by a missed sync (the diff
-        # each step is reported as max_sync_diff)
-        engine = StaticCacheEngine(model, tok, dtype=torch.bfloat16, tolerance=0.1)
-    else:
-        engine = make_engine(engine_name, model, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    phases = {k: [] for k in ("generate", "reward", "reference_logprobs", "update", "weight_sync")}
-    step_times, tokens, sync_diffs = [], [], []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        idx = [(step * PROMPTS + i) % len(prompts) for i in range(PROMPTS)]
-        t = time.perf_counter()
-        batch, _ = rl._rollout_batch(engine, tok, [prompts[i] for i in idx], [answers[i] for i in idx], cfg,
-                                     accuracy_reward)
-        t_gen_reward = time.perf_counter() - t
-        t = time.perf_counter()
-        accuracy_reward([prompts[i] for i in idx for _ in range(GROUP)], ["A:0"] * len(batch.rewards),
-                        answer=[answers[i] for i in idx for _ in range(GROUP)])
-        t_reward = time.perf_counter() - t
-        t = time.perf_counter()
-        T, mask = batch.completion_len, batch.completion_mask.float()
-        adv = ADVANTAGES[algo.advantage](batch, hp)
-        with models.autocast(device.type, "bf16"):
-            logp = token_logprobs(model, batch.input_ids, batch.attention_mask, T)
-        batch.old_logprobs = logp.detach()
-        loss = LOSS_AGGS[algo.loss_agg](POLICY_LOSSES[algo.policy_loss](logp, batch, adv, hp)[0], mask, hp)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sync(device)
-        t_update = time.perf_counter() - t
-        t = time.perf_counter()
-        sync_diffs.append(engine.sync(model))
-        sync(device)
-        t_sync = time.perf_counter() - t
-        tokens.append(int(batch.completion_mask.sum()))
-        if step == 0:
-            continue  # warm-up
-        step_times.append(time.perf_counter() - t0)
-        for k, v in (("generate", t_gen_reward - t_reward), ("reward", t_reward), ("reference_logprobs", 0.0),
-                     ("update", t_update), ("weight_sync", t_sync)):
-            phases[k].append(v)
-    mean_step = statistics.mean(step_times)
-    return PROMPTS * GROUP / mean_step, {k: statistics.mean(v) for k, v in phases.items()} | {
-        "step": mean_step, "completion_tokens": statistics.mean(tokens[1:]), "max_sync_diff": max(sync_diffs)}
+    total = steps + 1
+    cand = CandidateConfig(name="bench", algorithm="grpo", seeds=[0], steps=total, checkpoints=[total], lr=LR)
+    cfg = RLConfig(candidates=[cand], prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=new_tokens,
+                   temperature=1.0, engine=engine_name, checkpoint_every=10 ** 6, mini_batches=1)
+    logs = []
+    with tempfile.TemporaryDirectory() as d:
+        rl.train_candidate(model, tok, cand, 0, cfg, TaskRows.from_texts(prompts, answer=answers), None, Path(d),
+                           on_log=lambda s, m: logs.append(m), reward_fn=RewardSet.of(accuracy_reward))
+    timed = logs[1:]
+    mean = lambda k: statistics.mean(m[k] for m in timed)  # noqa: E731
+    step = mean("step_seconds")
+    return PROMPTS * GROUP / step, {"generate_and_reward": mean("rollout_seconds"), "update": mean("update_seconds"),
+                                    "weight_sync": mean("sync_seconds"), "step": step,
+                                    "completion_tokens": mean("completion_len") * PROMPTS * GROUP,
+                                    "max_sync_diff": max(m["sync_max_abs_diff"] for m in logs)}
 
 
 def bench_trl(model, tok, steps: int, new_tokens: int) -> tuple[float, dict]:
@@ -187,6 +154,7 @@ def main() -> int:
     on_cuda = args.device == "cuda"
     device = torch.cuda.get_device_name(0) if on_cuda else platform.processor() or platform.machine()
     result = {"peer": f"trl {trl.__version__} GRPOTrainer", "device": device,
+              "code_path": "alignflow.train.rl:train_candidate", "vocab_size": model.config.vocab_size,
               "threads": torch.get_num_threads(), "engine": args.engine, "parameters": n_params,
               "model": args.model if Path(args.model).exists() else f"{args.shape} shape (random init)",
               "batch": {"prompts": PROMPTS, "completions_per_prompt": GROUP, "max_new_tokens": args.new_tokens},

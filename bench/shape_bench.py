@@ -306,7 +306,8 @@ def run_rl(args, lora_r: int | None = None) -> dict:
     out = {"completions_per_s": round(args.prompts * args.group / step, 2), "step_s": step,
            "phases_s": {k: med(f"{k}_seconds") for k in ("rollout", "update", "sync")},
            "step_s_all": [round(m["step_seconds"], 3) for m in logs], "completion_len": med("completion_len"),
-           "micro_batches": timed[-1].get("micro_batches"), "sync_max_abs_diff": max(m["sync_max_abs_diff"] for m in logs),
+           "micro_batches": timed[-1].get("micro_batches"),
+           "sync_max_abs_diff": max(m["sync_max_abs_diff"] for m in logs),
            "wall_s_with_warmup_and_final_save": round(wall, 1), "peak_memory_gib": peak_gib(),
            "code_path": "alignflow.train.rl:train_candidate" + (f" (rl.lora r={lora_r})" if lora_r else "")}
     if lora_r:
