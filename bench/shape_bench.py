@@ -27,7 +27,6 @@ side) and code_path. Writes --out as it goes (a killed run keeps what finished).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
