@@ -9,6 +9,7 @@ outs), and the candidate snapshots are kept there too until the stage copies the
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ from alignflow.algorithms import ADVANTAGES, ALGORITHMS, ROLLOUTS, RewardHistory
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
 from alignflow.models import chat_prompt, save
-from alignflow.rewards import accuracy_reward, safe_rewards
+from alignflow.data.rows import TaskRows
+from alignflow.rewards import RewardResult, RewardSet, accuracy_reward
 from alignflow.rollout import Sampling, make_engine, token_logprobs
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,22 +57,20 @@ def required_inputs(cand: CandidateConfig) -> frozenset[str]:
 
 
 # ---------------------------------------------------------------- rollouts
-def _rollout_batch(engine, tokenizer, prompts, answers, cfg: RLConfig, reward_fn,
-                   contexts: list[str] | None = None) -> tuple[RolloutBatch, dict]:
-    """A group per prompt. The policy is shown `contexts` when given (e.g. a guided prompt), else the prompt;
-    rewards always score the completion against the original prompt and answer."""
-    shown = contexts if contexts is not None else prompts
+def _rollout_batch(engine, tokenizer, rows: TaskRows, cfg: RLConfig, reward: RewardSet,
+                   contexts: list[str] | None = None) -> tuple[RolloutBatch, RewardResult]:
+    """A group per prompt. The policy is shown `contexts` when given (e.g. a guided prompt), else the row's chat;
+    rewards always score the completion against the original prompt and the row's columns."""
+    shown = contexts if contexts is not None else rows.messages
     completions = engine.generate([chat_prompt(tokenizer, p) for p in shown], cfg.group_size,
                                   Sampling(cfg.max_new_tokens, cfg.temperature))
-    rep_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    rep_answers = [a for a in answers for _ in range(cfg.group_size)]
-    rewards, reward_errors = safe_rewards(reward_fn, rep_prompts, completions.texts, answer=rep_answers)
+    group = rows.repeat(cfg.group_size)
+    result = reward(group.prompts, completions.texts, group.columns)
     batch = RolloutBatch(input_ids=completions.input_ids, attention_mask=completions.attention_mask,
-                         completion_mask=completions.completion_mask, rewards=torch.tensor(rewards),
+                         completion_mask=completions.completion_mask, rewards=torch.tensor(result.total),
                          group_ids=completions.prompt_index, old_logprobs=completions.logprobs,
-                         rollout_logprobs=completions.logprobs, prompts=list(prompts))
-    return batch, {"reward": float(batch.rewards.mean()), "reward_errors": reward_errors,
-                   "completion_len": float(completions.completion_mask.sum(-1).float().mean())}
+                         rollout_logprobs=completions.logprobs, prompts=list(rows.prompts))
+    return batch, result
 
 
 class _Scorer(torch.nn.Module):
@@ -84,26 +87,39 @@ class _Scorer(torch.nn.Module):
 class _PromptStream:
     """The run's prompts as rollout hooks see them (alignflow.algorithms.RolloutSource): seeded draws, rollouts."""
 
-    def __init__(self, engine, tokenizer, cfg: RLConfig, reward_fn, prompts, answers, solutions, generator):
+    def __init__(self, engine, tokenizer, cfg: RLConfig, reward: RewardSet, rows: TaskRows, solutions, generator):
         self.prompts_per_step, self.pad_id = cfg.prompts_per_step, tokenizer.pad_token_id
-        self._engine, self._tokenizer, self._cfg, self._reward_fn = engine, tokenizer, cfg, reward_fn
-        self._prompts, self._answers, self._solutions, self._generator = prompts, answers, solutions, generator
-        self.reward_errors = 0
+        self._engine, self._tokenizer, self._cfg, self._reward = engine, tokenizer, cfg, reward
+        self._rows, self._solutions, self._generator = rows, solutions, generator
+        self.start_step()
+
+    def start_step(self) -> None:
+        """Reset the per-step reward figures (a hook may roll out several times in one step)."""
+        self.reward_errors, self.reward_problems, self._sums, self._counts = 0, {}, {}, {}
+
+    def reward_means(self) -> dict[str, float]:
+        """Per-function mean reward of this step's rollouts (over the samples each function scored)."""
+        return {f"reward/{label}": self._sums[label] / self._counts[label] for label in self._sums if self._counts[label]}
 
     def draw(self, n: int) -> list[int]:
         """n prompts of the global batch; under torchrun each rank gets its n / world_size share of them."""
-        return distributed.shard(torch.randint(len(self._prompts), (n,), generator=self._generator).tolist())
+        return distributed.shard(torch.randint(len(self._rows), (n,), generator=self._generator).tolist())
 
     def prompt(self, index: int) -> str:
-        return self._prompts[index]
+        return self._rows.prompts[index]
 
     def solution(self, index: int) -> str | None:
         return self._solutions[index] if self._solutions is not None else None
 
     def rollout(self, indices: list[int], contexts: list[str] | None = None) -> RolloutBatch:
-        batch, metrics = _rollout_batch(self._engine, self._tokenizer, [self._prompts[i] for i in indices],
-                                        [self._answers[i] for i in indices], self._cfg, self._reward_fn, contexts)
-        self.reward_errors += metrics["reward_errors"]
+        batch, result = _rollout_batch(self._engine, self._tokenizer, self._rows.take(indices), self._cfg,
+                                       self._reward, contexts)
+        self.reward_errors += result.n_errors
+        self.reward_problems.update(result.problems)
+        for label, values in result.per_function.items():
+            scored = [v for v in values if v is not None]
+            self._sums[label] = self._sums.get(label, 0.0) + sum(scored)
+            self._counts[label] = self._counts.get(label, 0) + len(scored)
         return batch
 
 
@@ -111,7 +127,7 @@ class _PromptStream:
 def _with_prompts(tokenizer, user_texts: list[str], completion_ids, completion_attention):
     """Chat prompts (left-padded) followed by given completions. -> (input_ids, attention_mask)"""
     enc = tokenizer([chat_prompt(tokenizer, t) for t in user_texts], return_tensors="pt", padding=True,
-                    padding_side="left").to(completion_ids.device)
+                    padding_side="left", add_special_tokens=False).to(completion_ids.device)  # the template has BOS
     return (torch.cat([enc["input_ids"], completion_ids], 1),
             torch.cat([enc["attention_mask"], completion_attention.to(enc["attention_mask"].dtype)], 1))
 
@@ -189,14 +205,30 @@ def _check_inputs(name: str, inputs: frozenset[str], extra: ExtraModels, prompts
 
 
 # ---------------------------------------------------------------- the loop
-def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLConfig, prompts: list[str],
-                    answers: list[str], ckpt_dir: Path, on_log: Callable[[int, dict], None],
+def _warn_zero_rewards(steps: int, source: _PromptStream, batch: RolloutBatch, tokenizer) -> None:
+    """Say why a run learns nothing: every reward 0 for `steps` steps (no signal for any method)."""
+    sample = tokenizer.decode(batch.input_ids[0, -batch.completion_len:], skip_special_tokens=True)
+    why = ("; ".join(f"{label}: {problem}" for label, problem in source.reward_problems.items())
+           or "no reward function failed, so they ran and scored every completion 0")
+    log.warning("every reward was 0 for the last %d RL steps: there is nothing to learn from. %s. A completion: %r. "
+                "Check that the reward functions read the completion's format and the data columns they need, and "
+                "that the SFT policy can solve some prompts (rl.temperature, more SFT).", steps, why, sample[:200])
+
+
+def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLConfig, prompts: TaskRows | list[str],
+                    answers: list[str] | None, ckpt_dir: Path, on_log: Callable[[int, dict], None],
                     ref_model=None, reward_fn=accuracy_reward, max_nonfinite: int = 5, *,
                     extra_models: ExtraModels | None = None, solutions: list[str] | None = None,
-                    expert: list[tuple[str, str]] | None = None) -> RunResult:
-    """`ref_model` is kept for callers that predate `extra_models` (it fills ExtraModels.ref).
+                    expert: list[tuple[str, str]] | None = None, zero_reward_patience: int = 10) -> RunResult:
+    """`prompts`: the RL rows (TaskRows: chats, prompt texts, columns for the rewards), or plain user prompts with
+    `answers` (the column `answer`). `reward_fn`: a RewardSet, or one TRL-convention function.
+    `ref_model` is kept for callers that predate `extra_models` (it fills ExtraModels.ref).
     `solutions`: the worked solution of each prompt (privileged info / oracle; needs "solutions", "privileged").
-    `expert`: (prompt, response) demonstrations to mix in (needs "expert")."""
+    `expert`: (prompt, response) demonstrations to mix in (needs "expert").
+    `zero_reward_patience`: warn once when every sample's reward was 0 for that many steps in a row."""
+    rows = prompts if isinstance(prompts, TaskRows) else TaskRows.from_texts(prompts, answer=list(answers))
+    prompts = rows.prompts
+    reward = reward_fn if isinstance(reward_fn, RewardSet) else RewardSet.of(reward_fn)
     algo = ALGORITHMS[cand.algorithm]
     hp = algo.hparams(cand.hparams)
     inputs = algo.inputs(cand.hparams)
@@ -223,7 +255,8 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         torch.manual_seed(seed + 7919 * distributed.rank() + start)
     scorer = distributed.wrap(_Scorer(model))
     engine = make_engine(cfg.engine, model, tokenizer)
-    source = _PromptStream(engine, tokenizer, cfg, reward_fn, prompts, answers, solutions, data_gen)
+    source = _PromptStream(engine, tokenizer, cfg, reward, rows, solutions, data_gen)
+    zero_steps = 0
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
     mask_dtype, counters = torch.float32, UpdateCounters(slice_rows=cfg.micro_batch_size)
@@ -232,14 +265,17 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     for step in bar:
         started = time.perf_counter()
         # ---- rollout (the preset's hook) and reward
-        source.reward_errors = 0
+        source.start_step()
         engine.check_synced()  # the trainer's weights are those of the last verified sync (else WeightSyncError)
         batch, metrics = ROLLOUTS[algo.rollout](source, hp)
         best = torch.zeros(batch.n_groups).scatter_reduce(0, batch.group_ids.cpu(), batch.rewards.float(), "amax",
                                                           include_self=False)
         metrics.update(reward=float(batch.rewards.mean()), reward_errors=source.reward_errors,
                        zero_reward_groups=float((best <= 0).float().mean()),  # no group-relative signal there
-                       completion_len=float(batch.completion_mask.sum(-1).float().mean()))
+                       completion_len=float(batch.completion_mask.sum(-1).float().mean()), **source.reward_means())
+        zero_steps = zero_steps + 1 if bool((batch.rewards == 0).all()) else 0
+        if zero_steps == zero_reward_patience:
+            _warn_zero_rewards(zero_steps, source, batch, tokenizer)
         if "expert" in inputs:
             n_expert = max(1, round(hp["expert_share"] / (1 - hp["expert_share"]) * len(batch.rewards)))
             picks = torch.randint(len(expert), (n_expert,), generator=data_gen).tolist()
