@@ -9,9 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ALIGNFLOW_TRACKING=file
 OUT=${OUT:-metrics/gpu_05b}
 python3 bench/make_shape.py --shape 0.5b --out models/shapes/qwen2.5-0.5b --device cuda --no-check | tail -4
-for stage in base sft rl scores; do
+for stage in ${STAGES:-base sft rl scores}; do
   echo "== $stage $(date +%T)"
   python3 -m alignflow.steps $stage --pipeline gpu_05b 2>&1 | grep -v "it/s\]\|Warning\|warnings.warn" | tail -6
+  cp metrics/gpu_05b/{base,sft,rl,device_scores}.json metrics/gpu_05b/{sft,rl}_curve.csv $OUT/ 2>/dev/null
 done
-cp metrics/gpu_05b/{base,sft,rl,device_scores}.json metrics/gpu_05b/{sft,rl}_curve.csv $OUT/ 2>/dev/null
 ls $OUT
