@@ -53,7 +53,7 @@ def check(root: Path, name: str, cfg: PipelineConfig) -> tuple[list[str], dict]:
     sample = _sample_rows(root, cfg)
     for key, specs in (("rewards", cfg.reward_specs), ("evaluate.metrics", cfg.metric_specs)):
         try:
-            reward = RewardSet(specs, Path(root))
+            reward = RewardSet(specs, Path(root), key=key)
         except RewardError as err:
             problems.append(f"pipelines.{name}.{key}: {err}")
             continue

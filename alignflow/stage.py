@@ -51,7 +51,7 @@ class StageContext:
     def metrics(self):
         """What evaluate reports per split (evaluate.metrics, default the reward's functions)."""
         from alignflow.rewards import RewardSet
-        return RewardSet(self.cfg.metric_specs, self.root)
+        return RewardSet(self.cfg.metric_specs, self.root, key="evaluate.metrics")
 
     def log_step(self, step: int, metrics: dict, **labels) -> None:
         """One point of a learning curve: MLflow metric history + a row of the DVC plot CSV."""
