@@ -53,11 +53,14 @@ def splits_of(layout, split: str) -> tuple:
 
 
 def scores(model, tok, held_out: dict) -> dict:
+    from alignflow.data.rows import TaskRows
     from alignflow.evaluation import score
-    result = {}
+    from alignflow.rewards import RewardSet, accuracy_reward, steps_consistent
+    result, reward, steps = {}, RewardSet.of(accuracy_reward), RewardSet.of(steps_consistent)
     for name, rows in held_out.items():
-        s = score(model, tok, rows["prompt"].tolist(), rows["answer"].astype(str).tolist())
-        result[f"{name}_accuracy"], result[f"{name}_steps_consistent"] = s["accuracy"], s["steps_consistent"]
+        s = score(model, tok, TaskRows.from_frame(rows), reward, metrics=steps)
+        result[f"{name}_accuracy"] = s["value"]
+        result[f"{name}_steps_consistent"] = sum(s["per_function"]["steps_consistent"]) / max(1, len(s["texts"]))
     return result
 
 
@@ -76,7 +79,8 @@ def run_one(job: tuple) -> dict:
     prompts, held_out = splits_of(layout, split)
     cand = CandidateConfig(name=method, algorithm=method, seeds=[seed], steps=steps, checkpoints=[steps],
                            lr=cfg.rl.candidates[0].lr, warmup_steps=cfg.rl.candidates[0].warmup_steps)
-    inputs = candidate_inputs(layout, device, cand, prompts, teacher=teacher_dir(pipeline))
+    from alignflow.data.rows import TaskRows
+    inputs = candidate_inputs(layout, device, cand, TaskRows.from_frame(prompts), teacher=teacher_dir(pipeline))
     model, tok = models.load(layout.sft, device)
     logs, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
