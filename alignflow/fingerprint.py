@@ -1,7 +1,7 @@
 """What DVC cannot see by itself: the checkpoints (`base.path`, `teacher.path`) and the reward / metric files a
 pipeline names in pipelines.yaml (DVC cannot template a param's value into a stage's deps).
 
-dvc.yaml's `external@<p>` stage (always run, seconds) writes `data/<p>/external.json` with a fingerprint of each;
+dvc.yaml's `external@<p>` stage (always run, seconds) writes `metrics/<p>/external.json` with a fingerprint of each;
 the stages using them depend on that file, so a changed checkpoint or reward file re-runs them and everything
 downstream, while an unchanged one leaves the file byte-identical and DVC skips the rest. Small files (config,
 tokenizer) are hashed; weight files are fingerprinted by name, size and modification time, as DVC's own cache

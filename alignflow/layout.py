@@ -19,7 +19,7 @@ class Layout:
     @property
     def curated(self) -> Path: return self._p("data", self.pipeline, "curated")
     @property
-    def external_fingerprint(self) -> Path: return self._p("data", self.pipeline, "external.json")
+    def external_fingerprint(self) -> Path: return self._p("metrics", self.pipeline, "external.json")
     @property
     def base(self) -> Path: return self._p("models", self.pipeline, "base")
     @property
