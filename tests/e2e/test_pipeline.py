@@ -26,7 +26,7 @@ def test_evaluate_json_schema(smoke_project):
     for values in ev["policies"].values():
         assert {"eval_score", "ood_score", "real_score", "sampled_value"} <= set(values)
         # the smoke reward is accuracy + 0.1 x length_penalty (in [-1, 0]): scores lie in [-0.1, 1]
-        assert all(-0.1 <= v <= 1.0 for v in values.values())
+        assert all(-0.1 - 1e-9 <= v <= 1.0 for v in values.values()), values  # a mean of -0.1s may round below
     for per_split in ev["metrics"].values():  # the arithmetic task's metrics: accuracy and steps consistent
         assert set(per_split["eval"]) == {"accuracy", "steps_consistent"}
         assert {"greedy", "mean@1", "pass@1"} == set(per_split["eval"]["accuracy"])
