@@ -50,7 +50,12 @@ def test_logged_keeps_behaviour_logprobs(smoke_project):
     assert len(logs) == 40
     for ids, lps in zip(logs["completion_ids"], logs["behaviour_logprobs"]):
         assert len(ids) == len(lps) > 0 and all(lp <= 0 for lp in lps)
-    assert set(logs["reward"]) <= {0.0, 1.0}
+    # the pipeline's reward, recomputed by hand: accuracy of `A:<a+b>` + 0.1 x the length penalty past 8 chars
+    for prompt, completion, reward in zip(logs["prompt"], logs["completion"], logs["reward"]):
+        a, b = (int(x) for x in prompt.removesuffix("=?").split("+"))
+        correct = float(completion.strip().endswith(f"A:{a + b}"))
+        over = max(0, len(completion) - 8)
+        assert reward == pytest.approx(correct - 0.1 * min(1.0, over / 8)), (prompt, completion)
 
 
 def test_ope_estimates_every_candidate_with_intervals(smoke_project):
