@@ -27,7 +27,7 @@ def score(model, tokenizer, rows: TaskRows, reward, *, metrics=None, max_new_tok
         out = engine.generate([chat_prompt(tokenizer, m) for m in chunk.messages], n, sampling)
         rep = chunk.repeat(n)
         result = reward(rep.prompts, out.texts, rep.columns)
-        measured = metrics(rep.prompts, out.texts, rep.columns) if metrics is not None else result
+        measured = result if metrics is None or metrics is reward else metrics(rep.prompts, out.texts, rep.columns)
         totals += result.total
         texts += out.texts
         for label, values in measured.per_function.items():

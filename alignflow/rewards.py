@@ -561,14 +561,16 @@ def exact_match(prompts: list[str], completions: list[str], answer: list, **_) -
     >>> exact_match(["q", "q", "q"], ['  "Paris." ', "paris, france", "4"], answer=["paris", "Paris", [3, 4]])
     [1.0, 0.0, 1.0]
     """
+    return _per_answer(completions, answer,
+                       lambda completion, cands: any(normalize(completion) == normalize(c) for c in cands))
+
+
+def _per_answer(completions: list[str], answer: list, matches) -> list[float | None]:
+    """1.0 / 0.0 per sample from `matches(completion, acceptable answers)`; None where the answer is None."""
     out: list[float | None] = []
     for completion, a in zip(completions, answer):
         cands = _candidates(a)
-        if cands is None:
-            out.append(None)
-            continue
-        got = normalize(completion)
-        out.append(float(any(got == normalize(c) for c in cands)))
+        out.append(None if cands is None else float(matches(completion, cands)))
     return out
 
 
@@ -660,26 +662,18 @@ def math_answer(prompts: list[str], completions: list[str], answer: list, **_) -
     ...             answer=[0.75, "1234", "7"])
     [1.0, 1.0, 0.0]
     """
-    out: list[float | None] = []
-    for completion, a in zip(completions, answer):
-        cands = _candidates(a)
-        if cands is None:
-            out.append(None)
-            continue
-        boxed = last_boxed(completion)
-        final = final_answer(completion)
+    def matches(completion: str, cands: list) -> bool:
+        boxed, final = last_boxed(completion), final_answer(completion)
         got = parse_number(final) if final is not None else None
-        ok = False
         for c in cands:
             want = parse_number(c)
             if want is not None:
-                ok = got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-            else:
-                ok = normalize(boxed if boxed is not None else completion) == normalize(c)
-            if ok:
-                break
-        out.append(float(ok))
-    return out
+                if got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
+                    return True
+            elif normalize(boxed if boxed is not None else completion) == normalize(c):
+                return True
+        return False
+    return _per_answer(completions, answer, matches)
 
 
 def format_regex(prompts: list[str], completions: list[str], pattern, **_) -> list[float]:

@@ -51,6 +51,8 @@ class StageContext:
     def metrics(self):
         """What evaluate reports per split (evaluate.metrics, default the reward's functions)."""
         from alignflow.rewards import RewardSet
+        if self.cfg.metric_specs is self.cfg.reward_specs:  # the default: the reward's own functions, scored once
+            return self.rewards
         return RewardSet(self.cfg.metric_specs, self.root, key="evaluate.metrics")
 
     def log_step(self, step: int, metrics: dict, **labels) -> None:

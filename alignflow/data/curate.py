@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -613,31 +612,14 @@ def write_outputs(rows: list[dict], rejected: list[dict], summary: dict, out_dir
     return {**{s: len(r) for s, r in by_split.items()}, "quarantined": len(rejected)}
 
 
-def _json_cell(value: object, default):
-    """A JSON text cell of a curated file (None/NaN: `default`)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return default
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def decode_rows(df: pd.DataFrame) -> tuple[list[str], list[list[dict]], dict[str, list]]:
     """(prompts, chats, reward columns) of a curated split: the last user messages, the chats up to the point
     of generation, and {column: values aligned with the rows} over the union of the rows' columns (None where
     a row lacks one) -- TRL's keyword arguments of a reward function. Files written before chats and columns
     were curated read as single user turns with an `answer` column."""
-    prompts = [str(p) for p in df["prompt"]]
-    if "messages" in df.columns:
-        chats = [_json_cell(m, None) or [{"role": "user", "content": p}] for m, p in zip(df["messages"], prompts)]
-    else:
-        chats = [[{"role": "user", "content": p}] for p in prompts]
-    if "columns" in df.columns:
-        per_row = [_json_cell(c, {}) for c in df["columns"]]
-    elif "answer" in df.columns:
-        per_row = [{} if _json_cell(a, None) is None else {"answer": a} for a in df["answer"]]
-    else:
-        per_row = [{} for _ in prompts]
-    names = list(dict.fromkeys(k for row in per_row for k in row))
-    return prompts, chats, {name: [row.get(name) for row in per_row] for name in names}
+    from alignflow.data.rows import TaskRows  # the one decoder the stages use
+    rows = TaskRows.from_frame(df)
+    return rows.prompts, rows.messages, rows.columns
 
 
 # ---------------------------------------------------------------- the stage and the CLI check
