@@ -399,13 +399,15 @@ def _logprob_grad_chunk(logits, targets, lse, g, inv_temp: float):
 _CHUNK_FNS: dict = {}
 
 
-def _chunk_fn(name: str, fn, device):
-    """Compiled on CUDA (fuses cast/softmax/one-hot into one or two passes over the chunk's logits)."""
+def _chunk_fn(name: str, fn, device, dynamic: bool | None = False):
+    """Compiled on CUDA (fuses cast/softmax/one-hot into one or two passes over the chunk's logits). `dynamic`
+    None: one static compile, then one with a symbolic row count on the first other size (the RL update's token
+    count changes every step; dynamic=False would recompile for each)."""
     if torch.device(device).type != "cuda":
         return fn
     if name not in _CHUNK_FNS:
         try:
-            _CHUNK_FNS[name] = torch.compile(fn, dynamic=False)
+            _CHUNK_FNS[name] = torch.compile(fn, dynamic=dynamic)
         except Exception:  # noqa: BLE001
             _CHUNK_FNS[name] = fn
     return _CHUNK_FNS[name]
@@ -467,7 +469,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, dtype):
-        fwd = _chunk_fn("lp", _logprob_chunk, hidden.device)
+        fwd = _chunk_fn("lp", _logprob_chunk, hidden.device, dynamic=None)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             acc = torch.promote_types(dtype, torch.float32)
@@ -482,7 +484,7 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
-        bwd = _chunk_fn("lp_grad", _logprob_grad_chunk, hidden.device)
+        bwd = _chunk_fn("lp_grad", _logprob_grad_chunk, hidden.device, dynamic=None)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
