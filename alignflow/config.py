@@ -200,6 +200,9 @@ class RLConfig(Strict):
         "demonstration, or the generator's worked steps"))
     engine: Literal["transformers", "static", "vllm"] = Field(
         "transformers", description="rollout engine; static = own decode loop with CUDA graphs (GPU), vllm = own env")
+    precision: Literal["fp32", "bf16"] | None = Field(None, description=(
+        "null: the pipeline's precision. bf16 on CUDA: the update under bf16 autocast (fp32 master weights) and "
+        "the static engine's weights in bf16"))
 
 
 # ---------------------------------------------------------------- logged / ope / evaluate
@@ -274,6 +277,8 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _cross_checks(self):
         from alignflow.algorithms import ALGORITHMS
+        if self.rl.precision is None:
+            self.rl.precision = self.precision
         if self.rewards is None and self.curate.generator is None:
             raise ValueError("rewards: required when curate.generator is null (name your task's reward functions, "
                              "e.g. [{function: 'rewards/mytask.py:exact_match'}])")

@@ -120,13 +120,13 @@ class TransformersEngine:
         self._synced.check_unchanged()
 
 
-def make_engine(name: str, model, tokenizer):
+def make_engine(name: str, model, tokenizer, dtype: torch.dtype | None = None):
     """transformers (in-process generate), static (own decode loop: static KV cache, torch.compile and CUDA
-    graphs on GPU), vllm (its own environment and process)."""
+    graphs on GPU; `dtype`: its own copy of the weights in that dtype), vllm (its own environment and process)."""
     if name == "transformers":
         return TransformersEngine(model, tokenizer)
     if name == "static":
         from alignflow.rollout.static_engine import StaticCacheEngine
-        return StaticCacheEngine(model, tokenizer)
+        return StaticCacheEngine(model, tokenizer, dtype=dtype)
     from alignflow.rollout.vllm_engine import VLLMEngine  # own process and environment
     return VLLMEngine(model, tokenizer)

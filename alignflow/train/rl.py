@@ -26,10 +26,11 @@ from alignflow.train.update import (NonFiniteLossError, UpdateCounters, shared_h
 from alignflow.algorithms import ADVANTAGES, ALGORITHMS, ROLLOUTS, RewardHistory, RolloutBatch
 from alignflow.algorithms.core import PRIVILEGED_TEMPLATE, concat_batches
 from alignflow.config import CandidateConfig, RLConfig
-from alignflow.models import chat_prompt, save
+from alignflow.models import autocast, chat_prompt, save
 from alignflow.data.rows import TaskRows
 from alignflow.rewards import RewardResult, RewardSet, accuracy_reward
-from alignflow.rollout import Sampling, make_engine, token_logprobs
+from alignflow.rollout import Sampling, make_engine
+from alignflow.train.logprobs import policy_logprobs as token_logprobs   # lm_head in chunks of tokens (issue 18)
 
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,31 @@ def _rollout_batch(engine, tokenizer, rows: TaskRows, cfg: RLConfig, reward: Rew
 
 
 class _Scorer(torch.nn.Module):
-    """The policy's token log-probs as a module's forward, so DDP (under torchrun) can hook the backward."""
+    """The policy's token log-probs as a module's forward, so DDP (under torchrun) can hook the backward. The
+    lm_head runs in chunks of tokens (alignflow.train.logprobs), under bf16 autocast when `precision` is bf16 on
+    CUDA (fp32 master weights, as the SFT stage trains)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, precision: str = "fp32"):
         super().__init__()
-        self.policy = policy
+        self.policy, self.precision = policy, precision
 
     def forward(self, input_ids, attention_mask, completion_len: int, temperature: float):
-        return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature)
+        with autocast(input_ids.device.type, self.precision):
+            return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature)
+
+
+def _precision(cfg: RLConfig, model) -> str:
+    """bf16 (autocast update, bf16 static-engine weights) only where it means something: on CUDA."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "bf16" if cfg.precision == "bf16" and on_cuda else "fp32"
+
+
+def _engine(cfg: RLConfig, model, tokenizer, precision: str):
+    """The rollout engine; the static engine keeps its own bf16 copy of the weights under bf16 (`sync` copies the
+    fp32 trainer's weights into it and verifies them at the bf16 tolerance, alignflow.rollout.sync)."""
+    if cfg.engine == "static" and precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
+        return make_engine(cfg.engine, model, tokenizer, dtype=torch.bfloat16)
+    return make_engine(cfg.engine, model, tokenizer)
 
 
 class _PromptStream:
@@ -161,9 +179,10 @@ MODELS_OWN_TEMPERATURE = 1.0   # reference / base / teacher / privileged log-pro
 
 
 def _fill_inputs(batch: RolloutBatch, inputs: frozenset[str], model, extra: ExtraModels, tokenizer, cfg: RLConfig,
-                 solution_of: dict, history: RewardHistory | None, is_separator, engine_is_trainer: bool = False) -> None:
+                 solution_of: dict, history: RewardHistory | None, is_separator, engine_is_trainer: bool = False,
+                 precision: str = "fp32") -> None:
     T, ids, attention = batch.completion_len, batch.input_ids, batch.attention_mask
-    with torch.no_grad():
+    with torch.no_grad(), autocast(ids.device.type, precision):   # as the update scores (_Scorer)
         # the trainer's log-probs of the policy that sampled (pi_old), and its entropies if needed; an engine that
         # samples from the trainer's own model object already returned them (equal to ~1e-6), saving a forward pass
         if engine_is_trainer and "entropy" not in inputs and batch.is_expert is None:
@@ -253,8 +272,9 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             history.load_state_dict(state["extra"]["reward_history"])
     if distributed.rank():  # every rank samples its own completions (rank 0 keeps the single-process stream)
         torch.manual_seed(seed + 7919 * distributed.rank() + start)
-    scorer = distributed.wrap(_Scorer(model))
-    engine = make_engine(cfg.engine, model, tokenizer)
+    precision = _precision(cfg, model)
+    scorer = distributed.wrap(_Scorer(model, precision))
+    engine = _engine(cfg, model, tokenizer, precision)
     source = _PromptStream(engine, tokenizer, cfg, reward, rows, solutions, data_gen)
     zero_steps = 0
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
@@ -285,7 +305,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         # ---- the extra inputs the method needs, then its advantage
         rolled_out = time.perf_counter()  # rewards are Python floats: the rollout has finished on the device
         _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator,
-                     engine_is_trainer=getattr(engine, "shares_trainer_weights", False))
+                     engine_is_trainer=getattr(engine, "shares_trainer_weights", False), precision=precision)
         T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update: ppo_epochs x mini-batches optimizer steps (old_logprobs stay those of the sampling policy)

@@ -133,3 +133,18 @@ def test_the_loop_refuses_to_sample_after_an_unsynced_change(name, tok, monkeypa
                                RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, engine=name),
                                ["1+2=?", "3+4=?"], ["3", "7"], Path(tmp), on_log=lambda s, m: None,
                                reward_fn=lambda prompts, completions, **kw: [float(len(c) % 2) for c in completions])
+
+
+def test_bf16_static_engine_copy_syncs_and_its_check_still_fails(tok, monkeypatch):
+    """The RL loop's engine under precision bf16 (rl._engine on CUDA): its own bf16 copy of an fp32 trainer. A sync
+    copies the weights in and passes at the bf16 tolerance; a sync that did not take fails once the trainer moved."""
+    from alignflow.rollout.engine import make_engine
+    trainer = tiny(tok)
+    engine = make_engine("static", trainer, tok, dtype=torch.bfloat16)
+    assert engine.model is not trainer and next(engine.model.parameters()).dtype == torch.bfloat16
+    perturb(trainer, 1e-1)
+    assert engine.sync(trainer) <= engine.tolerance                       # copied in: within bf16 rounding
+    monkeypatch.setattr(engine.model, "load_state_dict", lambda *a, **k: None)
+    perturb(trainer, 1e-1)
+    with pytest.raises(WeightSyncError):
+        engine.sync(trainer)
