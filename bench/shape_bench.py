@@ -12,8 +12,12 @@ the functions the stages call, each against its peer in the same run on the same
              arithmetic task, n completions each, 256 new tokens, temperature 1, top_k 0) vs transformers'
              `generate(cache_implementation="static")` on the same prompt ids (it compiles its own decode step).
 * rl       - `alignflow.train.rl:train_candidate` (GRPO, 8 prompts x 8 completions x 256 new tokens, static
-             engine, per-step phase timings from its own log) vs TRL's GRPOTrainer (bench/rl_step.py:bench_trl)
-             from the same weights.
+             engine, rl.precision bf16 as a bf16 pipeline gives it: bf16 autocast update with the lm_head in chunks
+             of tokens, bf16 engine weights; per-step phase timings from its own log) vs TRL's GRPOTrainer
+             (bench/rl_step.py:bench_trl, bf16=True) from the same weights.
+* logprobs - the update's log-probs at the rl batch (64 x (prompt + 256) tokens), forward + backward under bf16
+             autocast: `alignflow.train.logprobs:policy_logprobs` (chunks of 4,096 tokens) vs the unchunked
+             `alignflow.rollout:token_logprobs` ([tokens x vocab] fp32 logits): time and peak memory.
 * lora_rl  - `rl:train_candidate` with LoRA r=16 (rl.lora): speed and memory vs the full fine-tune above; the
              merged-weight sync is verified by the loop itself every step (engine.sync raises WeightSyncError).
 
@@ -290,7 +294,7 @@ def run_rl(args, lora_r: int | None = None) -> dict:
     cand = CandidateConfig(name="bench", algorithm="grpo", seeds=[0], steps=total, checkpoints=[total], lr=1e-6)
     cfg = RLConfig(candidates=[cand], prompts_per_step=args.prompts, group_size=args.group,
                    max_new_tokens=args.new_tokens, temperature=1.0, engine=args.engine, checkpoint_every=10 ** 6,
-                   lora=settings)
+                   lora=settings, precision=args.rl_precision)
     prompts, answers = task_rows()
     logs = []
     reset_peak()
@@ -308,6 +312,8 @@ def run_rl(args, lora_r: int | None = None) -> dict:
            "micro_batches": timed[-1].get("micro_batches"),
            "sync_max_abs_diff": max(m["sync_max_abs_diff"] for m in logs),
            "wall_s_with_warmup_and_final_save": round(wall, 1), "peak_memory_gib": peak_gib(),
+           "precision": args.rl_precision, "logprobs": "alignflow.train.logprobs:policy_logprobs (chunks of 4096 tokens)",
+           "update_optimizer_steps": timed[-1].get("optimizer_steps"),
            "code_path": "alignflow.train.rl:train_candidate" + (f" (rl.lora r={lora_r})" if lora_r else "")}
     if lora_r:
         out["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -359,7 +365,46 @@ def sect_lora_rl(args) -> dict:
     return common(r.get("code_path", "alignflow.train.rl:train_candidate (rl.lora r=16)")) | r
 
 
-SECTIONS = {"sft": sect_sft, "lora_sft": sect_lora_sft, "rollout": sect_rollout, "rl": sect_rl, "lora_rl": sect_lora_rl}
+def sect_logprobs(args) -> dict:
+    """Forward + backward of the update's log-probs at the rl batch's shape, chunked vs unchunked."""
+    from alignflow.rollout import token_logprobs
+    from alignflow.train.logprobs import CHUNK, policy_logprobs
+    model, tok = load()
+    model.train()
+    B, P, T = args.prompts * args.group, 18, args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, RESULT["tokenizer_len"] - 3, (B, P + T), generator=g).to(model.device)
+    mask = torch.ones_like(ids)
+    res = {"tokens": B * T, "batch": [B, P + T], "completion_len": T, "chunk": CHUNK,
+           "fp32_logits_gib_if_materialised": round(B * T * RESULT["vocab_size"] * 4 / 2 ** 30, 2)}
+    for name, fn in (("chunked", policy_logprobs), ("unchunked", token_logprobs)):
+        try:
+            times = []
+            for i in range(4):
+                model.zero_grad(set_to_none=True)
+                reset_peak()
+                if cuda():
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                with models.autocast("cuda" if cuda() else "cpu", "bf16"):
+                    lp = fn(model, ids, mask, T, 1.0)
+                lp.float().mean().backward()
+                if cuda():
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            res[name] = {"fwd_bwd_s": statistics.median(times[1:]), "all_s": [round(x, 4) for x in times],
+                         "peak_memory_gib": peak_gib(), "logp_mean": float(lp.detach().float().mean())}
+        except Exception:  # noqa: BLE001
+            res[name] = {"error": traceback.format_exc()[-2000:]}
+        log("logprobs", name, res[name])
+    model.zero_grad(set_to_none=True)
+    del model
+    res.update(common("alignflow.train.logprobs:policy_logprobs"),
+               peak_memory_gib=res.get("chunked", {}).get("peak_memory_gib"))
+    return res
+
+
+SECTIONS = {"logprobs": sect_logprobs, "sft": sect_sft, "lora_sft": sect_lora_sft, "rollout": sect_rollout, "rl": sect_rl, "lora_rl": sect_lora_rl}
 
 
 def main() -> int:
@@ -375,6 +420,8 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--engine", default="static")
+    ap.add_argument("--rl-precision", default="bf16", choices=["fp32", "bf16"],
+                    help="rl.precision: bf16 = what a pipeline with precision bf16 runs (autocast update, bf16 engine)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the peers once past this many seconds")
     args = ap.parse_args()
