@@ -5,6 +5,7 @@
     alignflow validate-data PATH... [--quarantine FILE]       the curate checks, standalone
     alignflow algorithms                                      the registered RL methods
     alignflow check-config [--pipeline NAME]                  validate pipelines.yaml (and pre-flight a pipeline)
+    alignflow dvc-yaml [--check]                              write (check) dvc.yaml from the stage table
     alignflow infra up|down|status [--database-url URL]       the scaled mode's servers and workers (docs/scaling.md)
     alignflow vllm-env                                        build .venv-vllm for `rl.engine: vllm` (docs/vllm.md)
 """
@@ -16,52 +17,28 @@ import sys
 from pathlib import Path
 
 
-def _embedded_defaults(root: Path | None) -> None:
-    """Settings for running with nothing started by hand; all set before prefect/mlflow are imported."""
-    base = root or Path.cwd()
-    for key, value in {
-        "PREFECT_HOME": str(base / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_LEVEL": "WARNING",
-        "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(base / ".cache" / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
-        "MLFLOW_LOGGING_LEVEL": "WARNING",
-    }.items():
-        os.environ.setdefault(key, value)
-    # dvc.yaml's cmd calls `alignflow`: make sure it is this installation's, not whatever is on PATH
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def _no_heartbeat():
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})  # ~1 s per flow run otherwise
-
-
 def cmd_run(args) -> int:
-    from alignflow.layout import find_root, run_lock
+    from alignflow.layout import find_root
+    from alignflow.versioning import run_lock
+    from flows import no_heartbeat
     from flows.post_training import check_request, post_training, preflight
     root = find_root()
     check_request(root, args.pipeline, args.set or [])  # config errors before any work starts
     if not args.set:  # with overrides the flow pre-flights once they are applied
         preflight(root, args.pipeline)
-    with run_lock(root), _no_heartbeat():
+    with run_lock(root), no_heartbeat():
         post_training(pipeline=args.pipeline, overrides=args.set or [])
     print(f"done: metrics/{args.pipeline}/evaluate.json, reports/{args.pipeline}/report.html")
     return 0
 
 
-MULTI_RANK_STAGES = ("rl",)  # stages whose step runs data-parallel under torchrun (alignflow/train/distributed.py)
-
-
 def cmd_stage(args) -> int:
-    import importlib
-
-    from flows import STAGES
+    from alignflow.stage import STAGES, run_stage
     if args.name not in STAGES:
-        print(f"unknown stage {args.name!r}; stages: {STAGES}", file=sys.stderr)
+        print(f"unknown stage {args.name!r}; stages: {list(STAGES)}", file=sys.stderr)
         return 2
     launcher = os.environ.get("ALIGNFLOW_LAUNCHER")  # e.g. "torchrun --standalone --nproc-per-node=gpu" (a GPU pool)
-    if launcher and "WORLD_SIZE" not in os.environ and args.name in MULTI_RANK_STAGES:
+    if launcher and "WORLD_SIZE" not in os.environ and STAGES[args.name].multi_rank:
         import shlex
         import subprocess
         return subprocess.call([*shlex.split(launcher), "-m", "alignflow.cli", "stage", args.name,
@@ -69,14 +46,30 @@ def cmd_stage(args) -> int:
     from alignflow.train import distributed
     with distributed.process_group():
         if not distributed.is_main():  # the other ranks train alongside rank 0's flow run; rank 0 tracks and writes
-            from alignflow.stage import open_stage
-            from alignflow.steps.__main__ import STEPS
-            inputs, step, _ = STEPS[args.name]
-            step(open_stage(args.name, args.pipeline, inputs=inputs))
+            run_stage(args.name, args.pipeline)
             return 0
-        flow = getattr(importlib.import_module(f"flows.{args.name}"), args.name)
-        with _no_heartbeat():
-            flow(pipeline=args.pipeline)
+        from flows import no_heartbeat
+        from flows.stages import FLOWS
+        with no_heartbeat():
+            FLOWS[args.name](pipeline=args.pipeline)
+    return 0
+
+
+def cmd_dvc_yaml(args) -> int:
+    """Write dvc.yaml from the stage table (or, with --check, fail when the committed one differs)."""
+    from alignflow import versioning
+    from alignflow.layout import find_root
+    from alignflow.stage import STAGES
+    root = find_root()
+    text = versioning.render_dvc_yaml(root, STAGES)
+    if args.check:
+        if (root / "dvc.yaml").read_text() != text:
+            print("dvc.yaml differs from the stage table: run `alignflow dvc-yaml`", file=sys.stderr)
+            return 1
+        print("dvc.yaml matches the stage table")
+        return 0
+    (root / "dvc.yaml").write_text(text)
+    print(f"wrote {root / 'dvc.yaml'}")
     return 0
 
 
@@ -230,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("fingerprint", help="fingerprint external checkpoints and reward files (dvc.yaml calls this)")
     p.add_argument("--pipeline", default="tiny")
     p.set_defaults(fn=cmd_fingerprint)
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (alignflow/stage.py)")
+    p.add_argument("--check", action="store_true", help="only check that dvc.yaml matches")
+    p.set_defaults(fn=cmd_dvc_yaml)
     p = sub.add_parser("infra", help="start/stop/show the scaled mode's server set (no containers)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--root", help="project root (default: the current directory)")
@@ -253,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         root = find_root()
     except FileNotFoundError:
         root = None
-    _embedded_defaults(root)
+    from alignflow.environment import embedded_defaults
+    embedded_defaults(root)
     from alignflow.config import ConfigError
-    from alignflow.layout import AlreadyRunningError
+    from alignflow.versioning import AlreadyRunningError
     try:
         return args.fn(args)
     except (ConfigError, AlreadyRunningError) as err:

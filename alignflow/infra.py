@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from alignflow import versioning
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 POOLS = ("cpu", "gpu")
 BIN = Path(sys.executable).parent
@@ -388,14 +390,6 @@ def _self_ignoring(folder: Path) -> None:
         (folder / ".gitignore").write_text("*\n")
 
 
-def configure_dvc_remote(root: Path, url: str, env: dict[str, str]) -> None:
-    """`dvc remote add --local --default alignflow URL` (kept out of git: a per-machine remote)."""
-    if not (root / ".dvc").is_dir():
-        return
-    subprocess.run([str(BIN / "dvc"), "remote", "add", "--local", "--default", "--force", "alignflow", url],
-                   cwd=root, env=env, check=True, capture_output=True, text=True)
-
-
 class _Launch:
     """One `up`: the processes' environments, what has started so far (stopped again if a later step
     fails), and how long each step took."""
@@ -521,7 +515,7 @@ def up(settings: Settings, log=print) -> dict:
     try:
         with ThreadPoolExecutor(3) as pool:  # the two servers start side by side
             started = [pool.submit(launch.prefect_server), pool.submit(launch.mlflow_server),
-                       pool.submit(configure_dvc_remote, root, launch.remote, launch.base)]
+                       pool.submit(versioning.set_remote, root, launch.remote)]
         for fut in started:
             fut.result()  # re-raises the first failure, once both servers had their chance to start
         launch._timed("servers_s", t0)

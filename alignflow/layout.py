@@ -1,9 +1,10 @@
-"""Where each stage of a named pipeline reads and writes. dvc.yaml declares the same paths
-(tests/unit/test_layout.py keeps the two in step); pipelines keep their outputs apart by name."""
+"""Every path a stage of a named pipeline reads or writes, and the file names inside them: the one place they
+are spelled (dvc.yaml is generated from these and the stage table); pipelines keep their outputs apart by name."""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,28 @@ class Layout:
     @property
     def reports(self) -> Path: return self._p("reports", self.pipeline)
 
+    # files inside the outputs above
+    @property
+    def logged_file(self) -> Path: return self.logged / "logged.parquet"
+    @property
+    def ope_inputs(self) -> Path: return self.ope / "inputs.npz"
+    @property
+    def ope_details(self) -> Path: return self.ope / "selection.json"
+    @property
+    def report(self) -> Path: return self.reports / "report.html"
+    @property
+    def evaluate_details(self) -> Path: return self.reports / "evaluate.json"
+    @property
+    def device_scores(self) -> Path: return self.reports / "device_scores.json"
+
+    def metrics_file(self, stage: str) -> Path:
+        """metrics/<p>/<stage>.json: the stage's headline figures (`dvc metrics show`)."""
+        return self.metrics / f"{stage}.json"
+
+    def plot_file(self, name: str) -> Path:
+        """metrics/<p>/<name>.csv: a DVC plot (a learning curve, a scatter)."""
+        return self.metrics / f"{name}.csv"
+
     def checkpoints(self, stage: str) -> Path:
         """Outside every DVC out, so a killed stage resumes instead of starting over."""
         return self._p("checkpoints", self.pipeline, stage)
@@ -56,75 +79,29 @@ def find_root(start: Path | None = None) -> Path:
     raise FileNotFoundError(f"no dvc.yaml + pipelines.yaml in {here} or above: run from the project root")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: write a sibling temp file, then rename; a reader never sees half a file."""
+@contextmanager
+def atomic_path(path: Path):
+    """Yields a sibling temp path to write; renamed onto `path` only if the block finishes, so a reader (or a
+    resumed stage) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False))
 
 
 def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> None:
     """rows as CSV (atomically); `header` names the columns when there are no rows."""
     import csv
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     keys = list(dict.fromkeys(k for row in rows for k in row)) or list(header or [])
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-class AlreadyRunningError(RuntimeError):
-    pass
-
-
-class run_lock:
-    """One pipeline run per project directory: a second `alignflow run` gets a clear error instead of two
-    runs writing the same outputs. flock is released by the kernel if the holder dies (no stale locks)."""
-
-    def __init__(self, root: Path):
-        self.path = root / ".alignflow" / "run.lock"
-
-    def __enter__(self):
-        import fcntl
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = self.path.open("a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
-            self.handle.close()
-            raise AlreadyRunningError(f"a pipeline is already running in {self.path.parent.parent} ({holder}); "
-                                      "wait for it or stop it first") from None
-        self.handle.truncate(0)
-        self.handle.write(f"pid {os.getpid()}")
-        self.handle.flush()
-        recover_dvc_rwlock(self.path.parent.parent)
-        return self
-
-    def __exit__(self, *exc):
-        import fcntl
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-def recover_dvc_rwlock(root: Path) -> bool:
-    """DVC rewrites `.dvc/tmp/rwlock` in place (truncate, then write), so a process killed in between leaves
-    it empty or cut, and every later `dvc repro` stops with RWLockFileCorruptedError (found by
-    bench/chaos.py). Called under run_lock, when no run of ours is live here: a file that does not parse is
-    a dead process's leftover; it is moved aside (kept for inspection) and DVC starts a fresh one."""
-    path = root / ".dvc" / "tmp" / "rwlock"
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return False
-    except FileNotFoundError:
-        return False
-    except (ValueError, UnicodeDecodeError):
-        aside = path.with_name(f"rwlock.corrupt-{os.getpid()}")
-        path.replace(aside)
-        print(f"warning: {path} was cut short by a killed process; moved to {aside.name}, DVC starts a new one")
-        return True

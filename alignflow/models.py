@@ -6,7 +6,7 @@ The tiny default is a real Qwen2 architecture with a character-level tokenizer, 
 Users' checkpoints (issue 15): `check_model` pre-flights a directory without loading weights (ModelError names the
 path and the problem); `load` applies the chat-template override / plain fallback and the pad -> eos fallback;
 `chat_prompt` renders a str or a message list exactly as the template does, and every rendered text is tokenised
-with add_special_tokens=False (`encode_prompts`, `supervised.sft_examples`), so BOS appears only where the template
+with add_special_tokens=False (`encode_prompts`, `sft_examples`), so BOS appears only where the template
 writes it; `eos_ids` is the stop set (the tokenizer's eos and generation_config's) every engine stops on.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+IGNORE = -100  # the label of a position the loss skips (prompt tokens, padding)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -394,7 +396,6 @@ def check_model(path: str | Path, *, trust_remote_code: bool = False, allow_pick
     source = template_source(tokenizer)
     try:
         prompt = chat_prompt(tokenizer, sample)
-        from alignflow.train.supervised import sft_examples
         sft_examples(tokenizer, [sample], ["ok"], stop_ids=_eos_list(tokenizer, generation_config))
     except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception(), the SFT prefix check
         raise ModelError(path, f"chat template ({source}) fails on a sample prompt: "
@@ -413,3 +414,61 @@ def check_model(path: str | Path, *, trust_remote_code: bool = False, allow_pick
             "pad_token": tokenizer.pad_token, "pad_fallback": pad_fallback_used(tokenizer),
             "bos_in_prompt": tokenizer.bos_token_id is not None and tokenizer.bos_token_id in ids[:1],
             "template_source": source, "sample_prompt": prompt, "sample_prompt_tokens": len(ids)}
+
+
+def sft_examples(tokenizer, conversations: list, responses: list[str], stop_ids=None,
+                 system: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per conversation, rendered by the tokenizer's chat template.
+
+    conversations[i]: a str (one user turn) or a list of {role, content} messages (system / user / assistant turns,
+    multi-turn allowed) ending with a user turn; responses[i]: the final assistant reply. Labels are on EVERY
+    assistant turn's tokens up to and including the first stop token (`stop_ids`, default the tokenizer's eos; pass
+    `models.eos_ids(model, tokenizer)` so an end-of-turn marker like <|im_end|> or <|eot_id|> counts); when the
+    template writes none after a turn, the eos id is appended. IGNORE elsewhere. `system` is prepended as a system
+    turn where a conversation has none.
+
+    Incremental rendering: the text before assistant turn i is render(messages[:i], add_generation_prompt=True) and
+    the turn is what render(messages[:i + 1]) adds to it; each segment is tokenised on its own with
+    add_special_tokens=False (so the prompt ids are exactly those generation sees; BOS only if the template writes it).
+    """
+    eos = tokenizer.eos_token_id
+    stops = set(stop_ids) if stop_ids is not None else {eos}
+    if len(conversations) != len(responses):
+        raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
+    plans = []   # per example: [(context text, turn text, is_last)]
+    for k, (conversation, response) in enumerate(zip(conversations, responses)):
+        messages = to_messages(conversation, system)
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError(f"conversation {k} must end with a user turn (its reply is responses[{k}]); it ends with "
+                             f"{messages[-1]['role'] if messages else 'nothing'}")
+        messages.append({"role": "assistant", "content": response})
+        done, plan = "", []
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for i in turns:
+            prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+            full = render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+            if not prefix.startswith(done) or not full.startswith(prefix):
+                raise ValueError(
+                    f"chat template problem (conversation {k}, assistant turn at message {i}): rendering the messages "
+                    "one turn at a time is not prefix-consistent (the template rewrites earlier turns or its "
+                    "generation prompt is not how it starts an assistant turn), so the assistant tokens cannot be "
+                    f"located; prompt ends {prefix[-40:]!r}, full text there {full[len(done):][:80]!r}. Set "
+                    "base.chat_template to a template without that behaviour")
+            plan.append((prefix[len(done):], full[len(prefix):], i == turns[-1]))
+            done = full
+        plans.append(plan)
+    texts = [t for plan in plans for seg in plan for t in seg[:2]]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for plan in plans:
+        ids, labels = [], []
+        for _, _, last in plan:
+            context, turn = next(encoded), next(encoded)
+            end = next((j for j, t in enumerate(turn) if t in stops), None)
+            labelled, tail = (turn + [eos], []) if end is None else (turn[:end + 1], turn[end + 1:])
+            if last:
+                tail = []   # nothing to predict after the final turn's end marker (e.g. ChatML's trailing newline)
+            ids += context + labelled + tail
+            labels += [IGNORE] * len(context) + labelled + [IGNORE] * len(tail)
+        out.append((ids, labels))
+    return out

@@ -1,19 +1,27 @@
-"""What every stage shares, without Prefect: validated config and seeds, the tracked run, metrics files and
-curves. (tasks/common.py adds the Prefect UI artifacts; `python -m alignflow.steps` runs stages without Prefect.)"""
+"""The stage table and what every stage shares, without Prefect: validated config and seeds, the tracked run,
+metrics files and curves.
+
+STAGES is the one list of stages: their code, inputs, outputs, params and curves. The Prefect flows
+(flows/stages.py), every torchrun rank and the torch-only runner (`python -m alignflow.steps`) all run a stage
+through `run_stage`, and dvc.yaml is generated from the table (`alignflow dvc-yaml`; tests/unit/test_layers.py
+checks that each stage's deps cover its code's import closure)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from alignflow import tracking
+from alignflow import tracking, versioning
 from alignflow.config import PipelineConfig, load_pipeline
 from alignflow.layout import Layout, find_root, write_csv, write_json
 
@@ -26,6 +34,10 @@ class StageContext:
     layout: Layout
     inputs: list[Path] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
+    # How the stage's steps run: plainly, or (flows/stages.py) as Prefect tasks with retries on transient errors
+    task: Callable[[Callable], Callable] = lambda fn: fn
+    # What the stage says about itself when done: a headline and a table (the Prefect UI shows them as artifacts)
+    summary: tuple[str, list[dict]] = ("", [])
 
     @property
     def root(self) -> Path:
@@ -37,7 +49,7 @@ class StageContext:
         run with other settings or other inputs is never resumed."""
         stage_cfg = getattr(self.cfg, self.name, None)
         key = json.dumps([stage_cfg.model_dump() if stage_cfg is not None else None, self.cfg.seed,
-                          tracking.input_hashes(self.root, [self.layout.rel(p) for p in self.inputs])],
+                          versioning.lock_hashes(self.root, [self.layout.rel(p) for p in self.inputs])],
                          sort_keys=True, default=str)
         return self.layout.checkpoints(self.name) / hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -120,3 +132,91 @@ def _flat_numbers(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: the function that runs it ("module:function", imported when the stage runs, so each stage's
+    code, and with it its DVC deps, is its own), the Layout attributes it reads and writes, the pipeline config
+    keys it reads, its metrics file and plots."""
+    name: str
+    run: str
+    inputs: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...]
+    plots: dict = field(default_factory=dict)  # metrics/<p>/<name>.csv -> {"x":, "y":, "template":}
+    curve: str | None = None        # the plot whose rows are the stage's logged steps (ctx.curve)
+    external: bool = False          # reads what metrics/<p>/external.json fingerprints (checkpoints, reward files)
+    raw_data: bool = False          # reads data/raw
+    multi_rank: bool = False        # runs data-parallel under torchrun
+    checkpointed: bool = False      # leaves resume state in checkpoints/<p>/<stage> until it finishes
+
+    def step(self) -> Callable[[StageContext], dict]:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+_STEP = {"x": "step"}
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
+    StageSpec("curate", "alignflow.steps.curate:run", inputs=(), outs=("curated",), params=("seed", "curate"),
+              raw_data=True),
+    StageSpec("base", "alignflow.steps.train:run_base", inputs=("curated",), outs=("base",),
+              params=("seed", "base"), curve="base_curve", plots={"base_curve": {**_STEP, "y": "loss"}},
+              external=True, checkpointed=True),
+    StageSpec("sft", "alignflow.steps.train:run_sft", inputs=("curated", "base"), outs=("sft",),
+              params=("seed", "rewards", "sft"), curve="sft_curve", plots={"sft_curve": {**_STEP, "y": "val_score"}},
+              external=True, checkpointed=True),
+    StageSpec("teacher", "alignflow.steps.train:run_teacher", inputs=("curated", "base"), outs=("teacher",),
+              params=("seed", "teacher", "rl.candidates"), curve="teacher_curve",
+              plots={"teacher_curve": {**_STEP, "y": "loss"}}, external=True, checkpointed=True),
+    StageSpec("rl", "alignflow.steps.train:run_rl", inputs=("curated", "base", "sft", "teacher"), outs=("rl",),
+              params=("seed", "rewards", "rl"), curve="rl_curve", plots={"rl_curve": {**_STEP, "y": "reward"}},
+              external=True, multi_rank=True, checkpointed=True),
+    StageSpec("logged", "alignflow.steps.logged:run", inputs=("curated", "sft"), outs=("logged",),
+              params=("seed", "rewards", "logged"), external=True),
+    StageSpec("ope", "alignflow.steps.ope:run", inputs=("curated", "logged", "sft", "rl"), outs=("ope",),
+              params=("seed", "logged", "ope")),  # ope reads logged.max_new_tokens
+    StageSpec("evaluate", "alignflow.steps.evaluate:run",
+              inputs=("curated", "base", "sft", "rl", "logged", "ope"), outs=("reports",),
+              params=("seed", "rewards", "ope", "evaluate"),  # ope.estimators and top_k: its selection metrics
+              plots={"ope_vs_true": {"template": "scatter", "x": "true_value", "y": "estimate"},
+                     "sharpe_ratio_at_k": {"x": "k", "y": "sharpe_ratio"}}, external=True),
+]}
+
+
+def run_stage(name: str, pipeline: str, task: Callable | None = None, publish: Callable | None = None) -> dict:
+    """Run one stage of the table: open it, run its step inside the tracked run, write its metrics and curve,
+    clear its resume state. Under torchrun the ranks other than 0 run the step only (rank 0 tracks and writes).
+    `task` wraps the step's own calls (Prefect tasks); `publish(ctx, run_id, headline, table)` gets the summary."""
+    from alignflow.train import distributed
+    spec = STAGES[name]
+    if distributed.world_size() > 1 and not spec.multi_rank:
+        raise SystemExit(f"only {[s for s in STAGES if STAGES[s].multi_rank]} run on several ranks; "
+                         f"run {name!r} without torchrun")
+    ctx = open_stage(name, pipeline, inputs=list(spec.inputs))
+    if task is not None:
+        ctx.task = task
+    step = spec.step()
+    if not distributed.is_main():
+        return step(ctx)
+    started = time.time()
+    with tracked(ctx, getattr(ctx.cfg, name).model_dump()) as run:
+        metrics = step(ctx)
+        metrics["seconds"] = round(time.time() - started, 1)
+        metrics.update(_peak_gpu_memory())
+        if distributed.world_size() > 1:
+            metrics["world_size"] = distributed.world_size()
+        ctx.task(write_metrics)(ctx, metrics, curve_name=spec.curve)
+        if publish is not None:
+            publish(ctx, run.info.run_id, *ctx.summary)
+    if spec.checkpointed:
+        import shutil
+        shutil.rmtree(ctx.layout.checkpoints(name), ignore_errors=True)  # the outputs are DVC's now
+    return metrics
+
+
+def _peak_gpu_memory() -> dict:
+    """The stage's peak GPU memory (torch's allocator, this process), when it ran on CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}

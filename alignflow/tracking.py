@@ -20,6 +20,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import yaml
 
+from alignflow import versioning
+
 try:
     if os.environ.get("ALIGNFLOW_TRACKING") == "file":
         raise ImportError("file tracking requested")
@@ -70,16 +72,20 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def input_hashes(root: Path, inputs: list[str]) -> dict[str, str]:
-    """md5 of each input as recorded in dvc.lock by the stage that produced it."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return {}
-    recorded = {}
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            recorded[out["path"]] = out.get("md5", "")
-    return {path: recorded.get(path, "not in dvc.lock") for path in inputs}
+@contextmanager
+def pipeline_run(root: Path, pipeline: str, overrides: list[str], config: dict):
+    """The parent run of a whole pipeline run: each stage's run nests under it (PARENT_ENV tells the stage
+    processes its id)."""
+    setup(root, pipeline)
+    with mlflow.start_run(run_name=f"post_training-{pipeline}",
+                          tags={"alignflow.pipeline": pipeline, "git_commit": git_commit(root)}) as parent:
+        mlflow.log_params({"pipeline": pipeline, "overrides": " ".join(overrides)})
+        mlflow.log_dict(config, "config/pipeline.json")
+        os.environ[PARENT_ENV] = parent.info.run_id
+        try:
+            yield parent
+        finally:
+            os.environ.pop(PARENT_ENV, None)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -101,7 +107,7 @@ def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[
             "alignflow.launcher": "alignflow run" if parent else "dvc repro"}
     if mlflow is None:
         _file_run = FileRun(root, pipeline, stage, tags)
-        _file_run.write("params", config=config, inputs=input_hashes(root, inputs))
+        _file_run.write("params", config=config, inputs=versioning.lock_hashes(root, inputs))
         try:
             yield _file_run
         finally:
@@ -112,7 +118,7 @@ def stage_run(root: Path, pipeline: str, stage: str, config: dict, inputs: list[
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(_flatten(config))
         mlflow.log_dict(config, f"config/{stage}.json")
-        hashes = input_hashes(root, inputs)
+        hashes = versioning.lock_hashes(root, inputs)
         mlflow.log_dict(hashes, "lineage/inputs.json")
         mlflow.set_tags({f"dvc.input.{p}": h for p, h in hashes.items()})
         yield run
@@ -178,6 +184,16 @@ def current_alias(registered_name: str, alias: str):
     except mlflow.exceptions.MlflowException:
         return None
     return mv.version, dict(mv.tags)
+
+
+def load_registered(registered_name: str, alias: str, into: Path) -> Path | None:
+    """The model version an alias points at, saved as a model directory (None when the alias is unset)."""
+    if current_alias(registered_name, alias) is None:
+        return None
+    from alignflow.models import save
+    comps = mlflow.transformers.load_model(f"models:/{registered_name}@{alias}", return_type="components")
+    save(comps["model"], comps["tokenizer"], into)
+    return into
 
 
 def import_file_runs(root: Path, pipeline_filter: str | None = None) -> int:

@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.conftest import BIN, make_project, project_env  # noqa: E402
 
-from flows import STAGES  # noqa: E402
+from alignflow.stage import STAGES  # noqa: E402
 COMPARED = ("eval_score", "ood_score", "sampled_value")
 
 
 def final_metrics(root: Path) -> dict:
     """Per policy the headline scores and every metric figure, and the champion."""
-    ev = json.loads((root / "metrics/smoke/evaluate.json").read_text())
+    ev = json.loads((root / "reports/smoke/evaluate.json").read_text())
     return {name: {**{k: v[k] for k in COMPARED}, "metrics": ev["metrics"][name]}
             for name, v in ev["policies"].items()} | {"champion": ev["champion"]}
 
@@ -121,7 +121,7 @@ def main() -> int:
         trials = []
         for i in range(args.runs):
             root = make_project(Path(tmp) / f"run{i}")
-            stage, sig = rng.choice(STAGES), rng.choice(args.signals)
+            stage, sig = rng.choice(list(STAGES)), rng.choice(args.signals)
             first = run_pipeline(root, kill_stage=stage, rng=rng, sig=signal.Signals[f"SIG{sig}"],
                                  max_delay=args.max_delay)
             second = run_pipeline(root)

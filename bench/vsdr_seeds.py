@@ -6,7 +6,7 @@ its metrics/tiny/evaluate.json: Spearman correlation with the candidates' true r
 each ranking. Writes bench/results/vsdr_seeds.json with every seed's figures and the mean with a 95% t-interval.
 
     python bench/vsdr_seeds.py --seeds 0 1 2                          # ~12 min a seed on 2 cores
-    python bench/vsdr_seeds.py --seeds 1 2 --existing metrics/tiny/evaluate.json   # reuse a finished seed-0 run
+    python bench/vsdr_seeds.py --seeds 1 2 --existing reports/tiny/evaluate.json   # reuse a finished seed-0 run
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def run_seed(seed: int, workdir: Path) -> dict:
     started = time.time()
     alignflow(root, "run", "--pipeline", "tiny", "-S", f"seed={seed}", "-S", f"curate.generator.seed={seed}",
               timeout=3 * 3600)
-    return figures(json.loads((root / "metrics/tiny/evaluate.json").read_text()), seed, time.time() - started)
+    return figures(json.loads((root / "reports/tiny/evaluate.json").read_text()), seed, time.time() - started)
 
 
 def figures(evaluate: dict, seed, seconds: float | None = None) -> dict:

@@ -1,2 +1,8 @@
-"""Prefect flows: one per DVC stage (`flows/<stage>.py`) and `post_training`, which chains them through DVC."""
-STAGES = ["curate", "base", "sft", "teacher", "rl", "logged", "ope", "evaluate"]
+"""Prefect flows: the stages (flows/stages.py, one thin flow per entry of alignflow/stage.py's table) and
+`post_training`, which chains them through DVC; `retrain` and the scaled mode's `dvc-stage` job (flows/deploy.py)."""
+
+
+def no_heartbeat():
+    """Flow runs without Prefect's heartbeat (about a second of overhead per flow run otherwise)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

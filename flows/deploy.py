@@ -33,7 +33,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows import STAGES
+from alignflow import versioning
+from alignflow.stage import STAGES
 from tasks.retry import stage_task
 
 JOB_FLOW = "dvc-stage"
@@ -71,7 +72,7 @@ def _has_stage_deployments() -> bool:
     from prefect.exceptions import ObjectNotFound
     try:
         with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(f"{JOB_FLOW}/{STAGES[0]}")
+            client.read_deployment_by_name(f"{JOB_FLOW}/{next(iter(STAGES))}")
         return True
     except ObjectNotFound:
         return False
@@ -85,13 +86,7 @@ def _git(cwd: Path, *args: str) -> str:
 def carried_paths(root: Path, pipeline: str, stage: str | None = None) -> list[str]:
     """pipelines.yaml, dvc.lock and the `cache: false` outs (metrics, plots) of the pipeline's stages
     (of one stage if given): the files git would carry between machines."""
-    from dvc.repo import Repo
-    uncached = []
-    with _at(root), Repo(str(root)) as repo:  # DVC reads the repo of the cwd: be there
-        for st in repo.index.stages:
-            name, _, item = st.addressing.partition("@")
-            if item == pipeline and stage in (None, name):
-                uncached += [Path(str(o.def_path)).as_posix() for o in st.outs if not o.use_cache]
+    uncached = versioning.uncached_outs(root, pipeline, stage)
     return ["dvc.lock", *uncached] if stage else ["pipelines.yaml", "dvc.lock", *uncached]
 
 
@@ -185,15 +180,10 @@ def checkout(repo: str, rev: str, pipeline: str) -> Path:
 
 
 def configure_remote(work: Path) -> None:
-    """Point the checkout at ALIGNFLOW_DVC_REMOTE (per machine, in .dvc/config.local); without it the
-    project's own default remote (committed in .dvc/config) is used."""
-    url = os.environ.get("ALIGNFLOW_DVC_REMOTE")
-    if url:
-        endpoint = os.environ.get("ALIGNFLOW_DVC_REMOTE_ENDPOINT")  # S3-compatible stores (MinIO)
-        (work / ".dvc").mkdir(exist_ok=True)
-        (work / ".dvc" / "config.local").write_text(
-            f"[core]\n    remote = alignflow\n['remote \"alignflow\"']\n    url = {url}\n"
-            + (f"    endpointurl = {endpoint}\n" if endpoint else ""))  # credentials: env / AWS profile only
+    """Point the checkout at ALIGNFLOW_DVC_REMOTE (per machine); without it the project's own default remote
+    (committed in .dvc/config) is used."""
+    if os.environ.get("ALIGNFLOW_DVC_REMOTE"):
+        versioning.set_remote(work, os.environ["ALIGNFLOW_DVC_REMOTE"], os.environ.get("ALIGNFLOW_DVC_REMOTE_ENDPOINT"))
 
 
 @flow(name=JOB_FLOW, flow_run_name="{stage}-{pipeline}-job", persist_result=True, log_prints=True)
@@ -201,8 +191,6 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
               files: dict[str, str | None] | None = None, parent_run_id: str | None = None) -> dict:
     """One DVC stage on this worker: dvc pull -> dvc repro -s <stage>@<pipeline> -> dvc push.
     Without `repo` it runs in the current project (a worker sharing the parent's disk)."""
-    from dvc.repo import Repo
-
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     target, t = f"{stage}@{pipeline}", {}
@@ -221,16 +209,8 @@ def dvc_stage(stage: str, pipeline: str = "tiny", repo: str | None = None, rev: 
         configure_remote(work)
         t["checkout_s"] = time.perf_counter() - start
         os.environ.pop("ALIGNFLOW_ROOT", None)  # the stage finds its root from the cwd: this checkout
-        with _at(work, {PARENT_ENV: parent_run_id}), Repo(str(work)) as dvc:
-            t0 = time.perf_counter()
-            dvc.pull(targets=[target], with_deps=True, allow_missing=True, force=True)
-            t["pull_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ran = [s.addressing for s in dvc.reproduce(targets=[target], single_item=True)]
-            t["repro_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            dvc.push(targets=[target])
-            t["push_s"] = time.perf_counter() - t0
+        with _at(work, {PARENT_ENV: parent_run_id}):
+            ran = versioning.pull_repro_push(work, target, t)
         back = read_files(work, carried_paths(work, pipeline, stage))
     t["job_s"] = time.perf_counter() - start
     timings = {k: round(v, 2) for k, v in t.items()}

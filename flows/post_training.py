@@ -7,33 +7,19 @@ change as a params change and never skips a stage on stale outputs.
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-import mlflow
-import yaml
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from alignflow import tracking
+from alignflow import tracking, versioning
 from alignflow.config import ConfigError, load_project
-from alignflow.layout import find_root
-from flows import STAGES
+from alignflow.layout import Layout, find_root
+from alignflow.stage import STAGES
 from flows import deploy as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
 from tasks.retry import stage_task
-
-
-@contextmanager
-def at(root: Path):
-    before = Path.cwd()
-    os.chdir(root)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def check_request(root: Path, pipeline: str, overrides: list[str]) -> None:
@@ -46,6 +32,11 @@ def check_request(root: Path, pipeline: str, overrides: list[str]) -> None:
         apply_overrides(root, pipeline, overrides, dry_run=True)
 
 
+def apply_overrides(root: Path, pipeline: str, overrides: list[str], dry_run: bool = False) -> None:
+    """`pipelines.<pipeline>.<key>=value` overrides, validated (ConfigError names the key and what is allowed)."""
+    versioning.apply_overrides(root, pipeline, overrides, validate=load_project, dry_run=dry_run)
+
+
 def preflight(root: Path, pipeline: str) -> None:
     """Model, rewards and data checked before any stage runs (alignflow/preflight.py)."""
     from alignflow import preflight as checks
@@ -55,46 +46,7 @@ def preflight(root: Path, pipeline: str) -> None:
                           + "\n  ".join(problems))
 
 
-def _has_key(raw: dict, dotted: str) -> bool:
-    node = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def apply_overrides(root: Path, pipeline: str, overrides: list[str], dry_run: bool = False) -> None:
-    """Validate `pipelines.<pipeline>.<key>=value` overrides on a copy, then let DVC write them."""
-    from dvc.exceptions import InvalidArgumentError
-    from dvc.utils.hydra import apply_overrides as dvc_apply
-
-    raw = yaml.safe_load((root / "pipelines.yaml").read_text())
-    full = []
-    for item in overrides:
-        key = f"pipelines.{pipeline}.{item.partition('=')[0]}"
-        # a key left at its default is absent from the file: hydra adds it with "+" (the schema check below
-        # still rejects keys the config model does not know)
-        full.append(("" if _has_key(raw, key) else "+") + f"pipelines.{pipeline}.{item}")
-    with tempfile.TemporaryDirectory() as tmp:
-        trial = Path(tmp) / "pipelines.yaml"
-        shutil.copy(root / "pipelines.yaml", trial)
-        try:
-            dvc_apply(trial, full)
-        except InvalidArgumentError as err:
-            cause = err.__cause__ or err
-            raise ConfigError(f"-S {' '.join(overrides)}: {str(cause).splitlines()[0]}") from None
-        load_project(trial)  # raises ConfigError naming the key and what is allowed
-    if not dry_run:
-        dvc_apply(root / "pipelines.yaml", full)
-
-
-@stage_task
-def reproduce(root: Path, target: str) -> list[str]:
-    """`dvc repro -s <target>`: runs the stage only if its deps, params or outs changed."""
-    from dvc.repo import Repo
-    with at(root), Repo(str(root)) as repo:
-        return [stage.addressing for stage in repo.reproduce(targets=[target], single_item=True)]
+reproduce = stage_task(versioning.reproduce)  # `dvc repro -s <target>`: runs only if deps, params or outs changed
 
 
 @flow(name="post_training", flow_run_name="post-training-{pipeline}", log_prints=True)
@@ -109,28 +61,18 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
     if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
         from prefect.server.api.server import SubprocessASGIServer
         os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
-    tracking.setup(root, pipeline)
     ran: dict[str, list[str]] = {}
-    with mlflow.start_run(run_name=f"post_training-{pipeline}",
-                          tags={"alignflow.pipeline": pipeline, "git_commit": tracking.git_commit(root)}) as parent:
-        mlflow.log_params({"pipeline": pipeline, "overrides": " ".join(overrides or [])})
-        mlflow.log_dict(project.pipelines[pipeline].model_dump(), "config/pipeline.json")
-        os.environ[tracking.PARENT_ENV] = parent.info.run_id
-        try:
-            reproduce(root, f"external@{pipeline}")  # fingerprints what DVC cannot see (alignflow/fingerprint.py)
-            for stage in STAGES:
-                ran[stage] = (scaled.dispatch(root, stage, pipeline) if dispatch  # [scaled mode]
-                              else reproduce(root, f"{stage}@{pipeline}"))
-                print(f"{stage}: {'ran' if ran[stage] else 'up to date, skipped'}")
-        finally:
-            os.environ.pop(tracking.PARENT_ENV, None)
-        evaluate_json = root / "metrics" / pipeline / "evaluate.json"
-        if evaluate_json.exists():
-            mlflow.log_artifact(str(evaluate_json), "metrics")
-            import json
-            result = json.loads(evaluate_json.read_text())
-            for name, values in result["policies"].items():
-                mlflow.log_metrics({f"{name}.{k}": v for k, v in values.items()})
+    with tracking.pipeline_run(root, pipeline, overrides or [], project.pipelines[pipeline].model_dump()):
+        reproduce(root, f"external@{pipeline}")  # fingerprints what DVC cannot see (alignflow/fingerprint.py)
+        for stage in STAGES:
+            ran[stage] = (scaled.dispatch(root, stage, pipeline) if dispatch  # [scaled mode]
+                          else reproduce(root, f"{stage}@{pipeline}"))
+            print(f"{stage}: {'ran' if ran[stage] else 'up to date, skipped'}")
+        evaluate_json = Layout(root, pipeline).metrics_file("evaluate")
+        if evaluate_json.exists():  # the headline figures on the parent run too
+            tracking.log_artifact(evaluate_json, "metrics")
+            for name, values in json.loads(evaluate_json.read_text())["policies"].items():
+                tracking.log_metrics({f"{name}.{k}": v for k, v in values.items()})
     create_table_artifact(key=f"post-training-{pipeline}".replace("_", "-"),
                           table=[{"stage": s, "ran": bool(r)} for s, r in ran.items()])
     return ran

@@ -22,20 +22,20 @@ import filecmp
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: the CLI's embedded defaults, set before prefect is imported
-    from alignflow.cli import _embedded_defaults
+    from alignflow.environment import embedded_defaults
     from alignflow.layout import find_root as _find_root
-    _embedded_defaults(_find_root())
+    embedded_defaults(_find_root())
 
 from prefect import flow  # noqa: E402
 
+from alignflow import versioning
 from alignflow.config import ConfigError, load_pipeline, load_project
-from alignflow.layout import find_root
+from alignflow.layout import Layout, find_root
 from tasks.retry import stage_task
 
 SPLITS = ("sft", "rl", "logged", "eval", "ood", "real")
@@ -87,17 +87,10 @@ def _unique(dest: Path) -> Path:
 
 def _add_sources(root: Path, pipeline: str, entries: list[dict]) -> None:
     """Append to pipelines.<pipeline>.curate.sources, keeping the file's comments; validated before it lands."""
-    from dvc.utils.serialize import modify_yaml
-    with tempfile.TemporaryDirectory() as tmp:
-        trial = Path(tmp) / "pipelines.yaml"
-        shutil.copy(root / "pipelines.yaml", trial)
-        with modify_yaml(trial) as raw:
-            curate = raw["pipelines"][pipeline].setdefault("curate", {})
-            sources = curate.get("sources") or []
-            sources.extend(entries)
-            curate["sources"] = sources
-        load_project(trial)  # raises ConfigError naming the key
-        shutil.copy(trial, root / "pipelines.yaml")
+    def add(raw: dict) -> None:
+        curate = raw["pipelines"][pipeline].setdefault("curate", {})
+        curate["sources"] = [*(curate.get("sources") or []), *entries]
+    versioning.edit_yaml(root / "pipelines.yaml", add, validate=load_project)  # ConfigError names the key
 
 
 def _commit(root: Path, paths: list[str], message: str) -> str | None:
@@ -165,7 +158,7 @@ def retrain(pipeline: str = "tiny", inbox: str | None = None, split: str | None 
         return {**got, "ran": {}, "champion": None, "promoted": False}
     ran = post_training(pipeline=pipeline)
     import json
-    ope_json = root / "metrics" / pipeline / "ope.json"
+    ope_json = Layout(root, pipeline).metrics_file("ope")
     ope = json.loads(ope_json.read_text()) if ope_json.exists() else {}
     print(f"champion {ope.get('champion')}: promoted={ope.get('promoted')} ({ope.get('promotion_reason')})")
     return {**got, "ran": ran, "champion": ope.get("champion"), "promoted": bool(ope.get("promoted")),
@@ -178,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inbox")
     parser.add_argument("--settle-seconds", type=float)
     args = parser.parse_args(argv)
-    from alignflow.cli import _no_heartbeat
-    from alignflow.layout import run_lock
-    with run_lock(find_root()), _no_heartbeat():
+    from alignflow.versioning import run_lock
+    from flows import no_heartbeat
+    with run_lock(find_root()), no_heartbeat():
         print(retrain(pipeline=args.pipeline, inbox=args.inbox, settle_seconds=args.settle_seconds))
     return 0
 

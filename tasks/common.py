@@ -1,17 +1,22 @@
-"""Stage plumbing as seen from Prefect: the core's context and metrics (alignflow/stage.py) plus the UI
-artifacts Prefect shows for each stage."""
+"""Stage plumbing as seen from Prefect: each step a stage runs becomes a Prefect task (retried on transient
+errors, tasks/retry.py), and each stage's summary becomes UI artifacts."""
 from __future__ import annotations
+
+from functools import cache
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from alignflow import stage, tracking
-from alignflow.stage import StageContext, open_stage, tracked  # noqa: F401  (the flows' imports)
+from alignflow import tracking
+from alignflow.stage import StageContext
 from tasks.retry import stage_task
 
-write_metrics = stage_task(stage.write_metrics)
+
+@cache
+def as_task(fn):
+    """The Prefect task of a step function (one per function, so the UI groups its runs)."""
+    return stage_task(fn)
 
 
-@stage_task
 def publish_summary(ctx: StageContext, run_id: str, headline: str, table: list[dict]) -> None:
     """Prefect UI artifacts with stable keys, so each stage shows its history."""
     key = f"{ctx.name}-{ctx.pipeline}".lower().replace("_", "-")

@@ -49,6 +49,19 @@ def promotion_gate(new_estimate: float, current_estimate: float | None, margin: 
                    f"+ margin {margin:.4f}")
 
 
+def decide(own: dict, current: dict | None, select, logged_rewards) -> dict:
+    """The ope stage's decision: the champion among the candidates' estimates (`own`, what `estimate` returns
+    without the registered champion) by `select` (estimator, rule, margin), then the promotion gate against the
+    registered champion's estimate on the same logs (`current`, None when there is none).
+    {"champion", "promoted", "reason"}."""
+    champion = choose(own, select.estimator, select.rule)
+    key = RULES[select.rule]
+    estimates = own[select.estimator]["estimates"]
+    promoted, reason = promotion_gate(estimates[champion][key], current[key] if current else None, select.margin,
+                                      candidates=[e[key] for e in estimates.values()], logged_rewards=logged_rewards)
+    return {"champion": champion, "promoted": promoted, "reason": reason}
+
+
 def _aligned(estimated, true_values) -> tuple[np.ndarray, np.ndarray]:
     """Estimates and true values as aligned arrays (dicts are aligned by `estimated`'s key order)."""
     if isinstance(estimated, Mapping):

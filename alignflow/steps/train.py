@@ -1,7 +1,7 @@
-"""The model-producing stages' steps: base, sft, rl (no Prefect here; tasks/train.py wraps them as tasks)."""
+"""The model-producing stages: base, sft, teacher, rl (`run_<stage>`, named in alignflow/stage.py's table), and
+the steps they call through `ctx.task` (Prefect tasks under a flow, plain calls otherwise)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ def supervised_finetune(ctx: StageContext) -> dict:
         model = lora.wrap(model, cfg.lora)
     train, val = _sft_split(ctx)
     n_val = len(val)
-    examples = supervised.sft_examples(tokenizer, train.messages, train.responses,
+    examples = models.sft_examples(tokenizer, train.messages, train.responses,
                                        stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(ctx.cfg.seed)
 
@@ -115,7 +115,7 @@ def train_teacher(layout, cfg, out: Path, ckpt_dir: Path, on_log) -> supervised.
     """SFT from the base model, run to the end (no early stop), saved to `out`."""
     model, tokenizer = models.load(layout.base, cfg.device)
     demos = read_rows(layout.curated, "sft")
-    examples = supervised.sft_examples(tokenizer, demos.messages, demos.responses, stop_ids=models.eos_ids(model, tokenizer))
+    examples = models.sft_examples(tokenizer, demos.messages, demos.responses, stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     result = train_sft(
         model, tokenizer, examples, cfg.teacher.batch_size, generator, cfg.precision,
@@ -183,6 +183,30 @@ def worked_solution(prompt: str, response: str | None) -> str:
     return worked_steps(a, b)
 
 
-def clear_checkpoints(ctx: StageContext) -> None:
-    """A finished stage's resume state is no longer needed (its outputs are DVC's now)."""
-    shutil.rmtree(ctx.layout.checkpoints(ctx.name), ignore_errors=True)
+def run_base(ctx: StageContext) -> dict:
+    metrics = ctx.task(pretrain_base)(ctx)
+    ctx.summary = (f"base model: {metrics['parameters']:,} parameters", [metrics])
+    return metrics
+
+
+def run_sft(ctx: StageContext) -> dict:
+    metrics = ctx.task(supervised_finetune)(ctx)
+    ctx.summary = (f"validation score {metrics.get('val_score', float('nan')):.3f}", [metrics])
+    return metrics
+
+
+def run_teacher(ctx: StageContext) -> dict:
+    metrics = ctx.task(build_teacher)(ctx)
+    ctx.summary = ("teacher built" if metrics["built"] else "no teacher needed", [metrics])
+    return metrics
+
+
+def run_rl(ctx: StageContext) -> dict:
+    """Every (candidate config x seed) run in turn; each run's configured checkpoints become candidates."""
+    candidates = []
+    for i, cand in enumerate(ctx.cfg.rl.candidates):
+        for seed in cand.seeds:
+            candidates += ctx.task(train_rl_candidate)(ctx, i, seed)
+    final = {row["run"]: row["reward"] for row in ctx.curve}  # the last logged reward of each run
+    ctx.summary = (f"{len(candidates)} candidates", [{"run": k, "final_reward": v} for k, v in final.items()])
+    return {"candidates": candidates, "final_reward": final}

@@ -11,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from alignflow import checkpoint, faults
+from alignflow.models import IGNORE, autocast
 from alignflow.train.memory import retry_in_halves
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 
@@ -31,65 +31,6 @@ def packed_batches(stream: torch.Tensor, batch_size: int, seq_len: int, generato
         ids = torch.stack([stream[s:s + seq_len] for s in starts])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     return next_batch
-
-
-def sft_examples(tokenizer, conversations: list, responses: list[str], stop_ids=None,
-                 system: str | None = None) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per conversation, rendered by the tokenizer's chat template.
-
-    conversations[i]: a str (one user turn) or a list of {role, content} messages (system / user / assistant turns,
-    multi-turn allowed) ending with a user turn; responses[i]: the final assistant reply. Labels are on EVERY
-    assistant turn's tokens up to and including the first stop token (`stop_ids`, default the tokenizer's eos; pass
-    `models.eos_ids(model, tokenizer)` so an end-of-turn marker like <|im_end|> or <|eot_id|> counts); when the
-    template writes none after a turn, the eos id is appended. IGNORE elsewhere. `system` is prepended as a system
-    turn where a conversation has none.
-
-    Incremental rendering: the text before assistant turn i is render(messages[:i], add_generation_prompt=True) and
-    the turn is what render(messages[:i + 1]) adds to it; each segment is tokenised on its own with
-    add_special_tokens=False (so the prompt ids are exactly those generation sees; BOS only if the template writes it).
-    """
-    from alignflow.models import render, to_messages
-    eos = tokenizer.eos_token_id
-    stops = set(stop_ids) if stop_ids is not None else {eos}
-    if len(conversations) != len(responses):
-        raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
-    plans = []   # per example: [(context text, turn text, is_last)]
-    for k, (conversation, response) in enumerate(zip(conversations, responses)):
-        messages = to_messages(conversation, system)
-        if not messages or messages[-1]["role"] != "user":
-            raise ValueError(f"conversation {k} must end with a user turn (its reply is responses[{k}]); it ends with "
-                             f"{messages[-1]['role'] if messages else 'nothing'}")
-        messages.append({"role": "assistant", "content": response})
-        done, plan = "", []
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        for i in turns:
-            prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-            full = render(tokenizer, messages[:i + 1], add_generation_prompt=False)
-            if not prefix.startswith(done) or not full.startswith(prefix):
-                raise ValueError(
-                    f"chat template problem (conversation {k}, assistant turn at message {i}): rendering the messages "
-                    "one turn at a time is not prefix-consistent (the template rewrites earlier turns or its "
-                    "generation prompt is not how it starts an assistant turn), so the assistant tokens cannot be "
-                    f"located; prompt ends {prefix[-40:]!r}, full text there {full[len(done):][:80]!r}. Set "
-                    "base.chat_template to a template without that behaviour")
-            plan.append((prefix[len(done):], full[len(prefix):], i == turns[-1]))
-            done = full
-        plans.append(plan)
-    texts = [t for plan in plans for seg in plan for t in seg[:2]]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    out = []
-    for plan in plans:
-        ids, labels = [], []
-        for _, _, last in plan:
-            context, turn = next(encoded), next(encoded)
-            end = next((j for j, t in enumerate(turn) if t in stops), None)
-            labelled, tail = (turn + [eos], []) if end is None else (turn[:end + 1], turn[end + 1:])
-            if last:
-                tail = []   # nothing to predict after the final turn's end marker (e.g. ChatML's trailing newline)
-            ids += context + labelled + tail
-            labels += [IGNORE] * len(context) + labelled + [IGNORE] * len(tail)
-        out.append((ids, labels))
-    return out
 
 
 def sft_batches(examples, batch_size: int, pad_id: int, generator: torch.Generator):
@@ -148,7 +89,6 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
              max_nonfinite: int = 5) -> TrainResult:
     """AdamW + cosine schedule; resumes from `ckpt_dir` if a checkpoint is there (the data generator's state
     is part of it, so a resumed run sees the same batches as an uninterrupted one)."""
-    from alignflow.models import autocast
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
     scheduler = cosine_with_warmup(optimizer, steps, warmup=max(1, steps // 20))

@@ -32,7 +32,7 @@ def _metric(evaluate: dict, policy: str, metric: str = "exact_match") -> float:
 
 
 def test_learns_on_the_users_metric(reverse_project):
-    evaluate = json.loads((reverse_project / "metrics/reverse/evaluate.json").read_text())
+    evaluate = json.loads((reverse_project / "reports/reverse/evaluate.json").read_text())
     champion = evaluate["champion"]
     base, sft, best = (_metric(evaluate, p) for p in ("base", "sft", champion))
     assert sft >= base + 0.20, (base, sft)

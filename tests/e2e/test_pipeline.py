@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import BIN, alignflow, project_env, stage_runs
 
-from flows import STAGES
+from alignflow.stage import STAGES
 
 
 def load(root, rel):
@@ -20,7 +20,7 @@ def load(root, rel):
 
 
 def test_evaluate_json_schema(smoke_project):
-    ev = load(smoke_project, "metrics/smoke/evaluate.json")
+    ev = load(smoke_project, "reports/smoke/evaluate.json")
     candidates = ["grpo-s0-2", "grpo-s0-4", "grpo-s1-2", "grpo-s1-4"]
     assert set(ev["policies"]) == {"base", "sft", *candidates}
     for values in ev["policies"].values():
@@ -37,11 +37,40 @@ def test_evaluate_json_schema(smoke_project):
         assert set(ev["selection"][name]["sharpe_ratio_at_k"]) == {"2", "3"}
         assert "regret_at_1" in ev["selection"][name]
     assert set(ev["selection"]["vsdr"]["spearman"]) == {"vsdr", "sim_only", "ood_only"}
+    headline = load(smoke_project, "metrics/smoke/evaluate.json")  # what `dvc metrics show` prints: small
+    assert headline["policies"] == {n: {k: v[k] for k in ("eval_score", "ood_score", "real_score", "sampled_value")}
+                                    for n, v in ev["policies"].items()}
+    assert headline["champion"] == ev["champion"] and headline["champion_regret"] == ev["champion_regret"]
+    assert headline["regret_at_1"]["snpdis"] == ev["selection"]["snpdis"]["regret_at_1"]
+    assert "selection" not in headline and "metrics" not in headline
+
+
+def test_dvc_metrics_show_is_a_small_table(smoke_project):
+    out = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=smoke_project,
+                         env=project_env(smoke_project), capture_output=True, text=True, check=True)
+    files = json.loads(out.stdout)[""]["data"]
+    flat = lambda d: sum(flat(v) if isinstance(v, dict) else 1 for v in d.values())  # noqa: E731
+    sizes = {path: flat(entry["data"]) for path, entry in files.items()}
+    assert sizes["metrics/smoke/evaluate.json"] <= 60 and sizes["metrics/smoke/ope.json"] <= 20, sizes
+
+
+def test_every_file_the_stages_wrote_is_declared_in_dvc_yaml(smoke_project):
+    """An output written but not declared would be neither versioned nor a reason to re-run what reads it."""
+    import yaml
+    declared = []
+    for name, stage in yaml.safe_load((smoke_project / "dvc.yaml").read_text())["stages"].items():
+        for kind in ("outs", "metrics", "plots"):
+            declared += [(list(o)[0] if isinstance(o, dict) else o).replace("${item}", "smoke")
+                         for o in stage["do"].get(kind, [])]
+    written = [p.relative_to(smoke_project).as_posix() for top in ("data/smoke", "models/smoke", "metrics/smoke", "reports/smoke")
+               for p in (smoke_project / top).rglob("*") if p.is_file()]
+    undeclared = [w for w in written if not any(w == d or w.startswith(d + "/") for d in declared)]
+    assert written and not undeclared, undeclared
 
 
 def test_champion_chosen_from_estimates_alone(smoke_project):
     from alignflow.ope import choose
-    ope = load(smoke_project, "metrics/smoke/ope.json")
+    ope = load(smoke_project, "data/smoke/ope/selection.json")
     est, rule = ope["rule"].split(":")
     assert ope["champion"] == choose(ope["estimators"], est, rule)
     assert ope["champion"] == load(smoke_project, "metrics/smoke/evaluate.json")["champion"]
@@ -100,7 +129,7 @@ def test_registered_champion_reproduces_its_accuracy(smoke_project):
     from alignflow.rewards import RewardSet, accuracy_reward
     acc = score(comps["model"], comps["tokenizer"], TaskRows.from_frame(eval_df), RewardSet.of(accuracy_reward),
                 max_new_tokens=16)["value"]
-    assert acc == load(smoke_project, "metrics/smoke/evaluate.json")["metrics"][ope["champion"]]["eval"]["accuracy"]["greedy"]
+    assert acc == load(smoke_project, "reports/smoke/evaluate.json")["metrics"][ope["champion"]]["eval"]["accuracy"]["greedy"]
 
 
 def test_prefect_recorded_the_flow_runs(smoke_project):

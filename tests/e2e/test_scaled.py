@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from alignflow import infra
-from flows import STAGES
+from alignflow.stage import STAGES
 from flows.deploy import STAGE_POOLS
 from tests.conftest import BIN, REPO, make_project, project_env, stage_runs
 

@@ -59,7 +59,7 @@ def test_logged_keeps_behaviour_logprobs(smoke_project):
 
 
 def test_ope_estimates_every_candidate_with_intervals(smoke_project):
-    ope = json.loads((smoke_project / "metrics/smoke/ope.json").read_text())
+    ope = json.loads((smoke_project / "data/smoke/ope/selection.json").read_text())
     names = {"sft", "grpo-s0-2", "grpo-s0-4", "grpo-s1-2", "grpo-s1-4"}
     for est in ("tis", "pdis", "sntis", "snpdis", "dm", "dr", "sndr"):
         assert set(ope["estimators"][est]["estimates"]) == names, est

@@ -62,7 +62,7 @@ def test_lora_sft_lowers_the_loss_and_saves_merged(tmp_path):
     from alignflow.train import supervised
     model, tok = tiny()
     policy = lora.wrap(model, SETTINGS)
-    examples = supervised.sft_examples(tok, ["1+2=?", "3+4=?"] * 8, ["1+2=3;A:3", "3+4=7;A:7"] * 8)
+    examples = models.sft_examples(tok, ["1+2=?", "3+4=?"] * 8, ["1+2=3;A:3", "3+4=7;A:7"] * 8)
     generator = torch.Generator().manual_seed(0)
     losses = []
     supervised.train_lm(policy, supervised.sft_batches(examples, 8, tok.pad_token_id, generator), generator,

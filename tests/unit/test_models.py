@@ -121,7 +121,7 @@ def test_tied_model_saves_reloads_with_equal_logits_and_stays_tied(qwen_dir, tmp
 def test_training_checkpoint_of_a_tied_model_saves_and_resumes(qwen_dir, tmp_path):
     """SFT's first checkpoint used to die with safetensors' "tensors share memory" on tied embeddings."""
     model, tok = models.load(qwen_dir)
-    examples = supervised.sft_examples(tok, ["reverse dog", "reverse apple"], ["god", "elppa"],
+    examples = models.sft_examples(tok, ["reverse dog", "reverse apple"], ["god", "elppa"],
                                        stop_ids=models.eos_ids(model, tok))
     gen = torch.Generator().manual_seed(0)
     supervised.train_lm(model, supervised.sft_batches(examples, 2, tok.pad_token_id, gen), gen, steps=2, lr=1e-3,
@@ -137,11 +137,11 @@ def test_sft_examples_label_every_assistant_turn_with_its_end_marker(qwen_dir):
     model, tok = models.load(qwen_dir)
     conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse dog"},
                     {"role": "assistant", "content": "god"}, {"role": "user", "content": "reverse apple"}]
-    (ids, labels), = supervised.sft_examples(tok, [conversation], ["elppa"], stop_ids=models.eos_ids(model, tok))
+    (ids, labels), = models.sft_examples(tok, [conversation], ["elppa"], stop_ids=models.eos_ids(model, tok))
     assert len(ids) == len(labels)
     full = tok.apply_chat_template(conversation + [{"role": "assistant", "content": "elppa"}], tokenize=False)
     assert tok.decode(ids) == full.removesuffix("\n")    # the final turn's trailing newline is not trained on
-    assert tok.decode([i for i, lab in zip(ids, labels) if lab != supervised.IGNORE]) == "god<|im_end|>elppa<|im_end|>"
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != models.IGNORE]) == "god<|im_end|>elppa<|im_end|>"
     assert ids[-1] == labels[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     # the prompt part is exactly what generation sees
     prompt_ids = models.encode_prompts(tok, [models.chat_prompt(tok, conversation)])["input_ids"][0].tolist()
@@ -153,9 +153,9 @@ def test_sft_examples_reject_a_template_that_is_not_prefix_consistent(qwen_dir):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}"))
     with pytest.raises(ValueError, match="chat template problem"):
-        supervised.sft_examples(tok, ["reverse dog"], ["god"])
+        models.sft_examples(tok, ["reverse dog"], ["god"])
     with pytest.raises(ValueError, match="must end with a user turn"):
-        supervised.sft_examples(tok, [[{"role": "assistant", "content": "x"}]], ["y"])
+        models.sft_examples(tok, [[{"role": "assistant", "content": "x"}]], ["y"])
 
 
 def test_tiny_default_sft_examples_unchanged():
@@ -164,11 +164,11 @@ def test_tiny_default_sft_examples_unchanged():
     prompts, responses = ["1+2=?", "12+34=?"], ["1+2=3;A:3", "2+4=6;1+3=4;A:46"]
     old_p = tok([models.chat_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]
     old_r = tok([r + tok.eos_token for r in responses], add_special_tokens=False)["input_ids"]
-    expected = [(p + r, [supervised.IGNORE] * len(p) + r) for p, r in zip(old_p, old_r)]
-    assert supervised.sft_examples(tok, prompts, responses) == expected
+    expected = [(p + r, [models.IGNORE] * len(p) + r) for p, r in zip(old_p, old_r)]
+    assert models.sft_examples(tok, prompts, responses) == expected
     model = models.build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                                          intermediate_size=64))
-    assert supervised.sft_examples(tok, prompts, responses, stop_ids=models.eos_ids(model, tok)) == expected
+    assert models.sft_examples(tok, prompts, responses, stop_ids=models.eos_ids(model, tok)) == expected
     assert models.eos_ids(model, tok) == [tok.eos_token_id]
 
 
@@ -184,7 +184,7 @@ def test_bos_adding_tokenizer_gets_exactly_one_bos(llama_dir):
         real = row[mask.bool()].tolist()
         assert real.count(bos) == 1 and real[0] == bos
     assert enc["attention_mask"][0, 0] == 0                      # left padding
-    (ids, labels), = supervised.sft_examples(tok, ["reverse dog"], ["god"], stop_ids=models.eos_ids(model, tok))
+    (ids, labels), = models.sft_examples(tok, ["reverse dog"], ["god"], stop_ids=models.eos_ids(model, tok))
     assert ids.count(bos) == 1 and ids[0] == bos
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "god</s>"
     out = TransformersEngine(model, tok).generate([prompt, "[user] longer text\n[assistant] "], 1,
@@ -204,7 +204,7 @@ def test_gpt2_without_pad_or_template_loads_trains_and_generates(gpt2_dir, tmp_p
     prompt = models.chat_prompt(tok, [{"role": "system", "content": "Reverse words."},
                                       {"role": "user", "content": "dog"}])
     assert prompt == "Reverse words.\n\nUser: dog\nAssistant:"
-    (ids, labels), = supervised.sft_examples(tok, ["dog"], [" god"])
+    (ids, labels), = models.sft_examples(tok, ["dog"], [" god"])
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "  god<|endoftext|>"
     assert ids[-1] == eos
     out = TransformersEngine(model, tok).generate([prompt, models.chat_prompt(tok, "apple")], 2,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignflow.config import TinyModelConfig
+from alignflow import models
 from alignflow.models import build_tiny_model, build_tokenizer
 from alignflow.train import supervised
 
@@ -20,7 +21,7 @@ def tiny_run(tmp_path, steps=6, fault="", ckpt_every=2, **kw):
     tok = build_tokenizer()
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                                   intermediate_size=64))
-    examples = supervised.sft_examples(tok, ["1+2=?", "3+4=?", "5+6=?"], ["1+2=3;A:3", "3+4=7;A:7", "5+6=11;A:11"])
+    examples = models.sft_examples(tok, ["1+2=?", "3+4=?", "5+6=?"], ["1+2=3;A:3", "3+4=7;A:7", "5+6=11;A:11"])
     gen = torch.Generator().manual_seed(0)
     logs = []
     try:
@@ -68,7 +69,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_a_cut_dvc_rwlock_left_by_a_killed_run_is_moved_aside(tmp_path):
-    from alignflow.layout import recover_dvc_rwlock, run_lock
+    from alignflow.versioning import recover_rwlock as recover_dvc_rwlock, run_lock
     rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
     rwlock.parent.mkdir(parents=True)
     rwlock.write_text('{"read": {}, "write": {}}')
