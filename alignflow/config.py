@@ -5,7 +5,6 @@ a message naming the key path (`pipelines.tiny.rl.lr`) and what is allowed.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -374,20 +373,3 @@ def load_pipeline(name: str, path: str | Path = "pipelines.yaml") -> PipelineCon
     if name not in project.pipelines:
         raise ConfigError(f"--pipeline {name!r}: unknown; defined in {path}: {sorted(project.pipelines)}")
     return project.pipelines[name]
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides to a parsed pipelines.yaml (values parsed as YAML), for validation
-    before DVC writes them (the file is then changed by DVC's own hydra override code)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"-S {item!r}: expected key.path=value")
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else None
-            if node is None:
-                raise ConfigError(f"-S {item!r}: {key} does not name a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw

@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from alignflow.layout import Layout, write_csv  # noqa: E402
+from alignflow.layout import Layout, atomic_path, write_csv  # noqa: E402
+from alignflow.stage import STAGES  # noqa: E402
 
 
 def _png(fig) -> str:
@@ -25,12 +26,16 @@ def _png(fig) -> str:
 
 def _curves(layout: Layout) -> list[str]:
     figs = []
-    for name, y in (("base_curve", ["loss"]), ("sft_curve", ["loss", "val_score"]), ("rl_curve", ["reward"])):
-        path = layout.metrics / f"{name}.csv"
+    for spec in STAGES.values():  # each learning curve the stage table declares, with its plotted column
+        if spec.curve is None:
+            continue
+        name, y = spec.curve, list(dict.fromkeys(["loss", spec.plots[spec.curve]["y"]]))
+        path = layout.plot_file(name)
         if not path.exists():
             continue
         df = pd.read_csv(path)
-        if df.empty:  # e.g. the base curve of a given checkpoint (nothing trained)
+        y = [col for col in y if col in df.columns]
+        if df.empty or not y:  # e.g. the base curve of a given checkpoint (nothing trained)
             continue
         fig, axes = plt.subplots(1, len(y), figsize=(5 * len(y), 3.2), squeeze=False)
         for ax, col in zip(axes[0], y):
@@ -51,7 +56,7 @@ def _estimates_vs_true(layout: Layout, metrics: dict, ope_out: dict) -> str:
         for cand, e in res["estimates"].items():
             rows.append({"estimator": est, "candidate": cand, "estimate": e["value"], "ci_low": e["ci_low"],
                          "ci_high": e["ci_high"], "true_value": true.get(cand)})
-    write_csv(layout.metrics / "ope_vs_true.csv", rows)
+    write_csv(layout.plot_file("ope_vs_true"), rows)
     df = pd.DataFrame(rows)
     ests = list(ope_out["estimators"])
     fig, axes = plt.subplots(1, len(ests), figsize=(4 * len(ests), 3.5), squeeze=False, sharey=True)
@@ -69,7 +74,7 @@ def _sharpe(layout: Layout, selection: dict) -> str:
     rows = [{"estimator": est, "k": int(k), "sharpe_ratio": v}
             for est, s in selection.items() if "sharpe_ratio_at_k" in s
             for k, v in s["sharpe_ratio_at_k"].items()]
-    write_csv(layout.metrics / "sharpe_ratio_at_k.csv", rows)
+    write_csv(layout.plot_file("sharpe_ratio_at_k"), rows)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for est, g in pd.DataFrame(rows).groupby("estimator"):
         ax.plot(g["k"], g["sharpe_ratio"].astype(float), marker="o", label=est)
@@ -137,9 +142,7 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
            _table([{"candidate": n, "vsdr_score": s} for n, s in sorted(scores.items(), key=lambda kv: -kv[1])])]),
     ]
     style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
-    path = layout.reports / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
-    tmp.replace(path)
+    path = layout.report
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>")
     return path

@@ -267,6 +267,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
     start = state["step"] if state else 0
     if state:
+        print(f"rl {cand.name} s{seed}: rank {distributed.rank()} resumes from step {start} ({ckpt_dir})", flush=True)
         data_gen.set_state(state["extra"]["data_generator"])  # shared by all ranks: they split each step's draw
         if history is not None:
             history.load_state_dict(state["extra"]["reward_history"])

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import BIN, alignflow, make_project, project_env
 
+pytestmark = pytest.mark.pipelines  # a whole extra pipeline run: `./test.sh -m pipelines`, in .ci/run
+
 
 @pytest.fixture(scope="module")
 def reverse_project(tmp_path_factory):

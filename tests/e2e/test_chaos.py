@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.pipelines  # a whole extra pipeline run: `./test.sh -m pipelines`, in .ci/run
 
 
 def test_interrupted_runs_stop_whole_and_resume_to_the_same_results(tmp_path):

@@ -5,7 +5,11 @@ import shutil
 import yaml
 
 from alignflow.algorithms import ALGORITHMS
+import pytest
+
 from tests.conftest import alignflow
+
+pytestmark = pytest.mark.pipelines  # a whole extra pipeline run: `./test.sh -m pipelines`, in .ci/run
 
 
 def test_every_method_is_a_candidate_of_the_rl_stage(smoke_project, tmp_path):

@@ -3,7 +3,11 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from tests.conftest import BIN, alignflow, make_project, project_env
+
+pytestmark = pytest.mark.pipelines  # a whole extra pipeline run: `./test.sh -m pipelines`, in .ci/run
 
 
 def test_two_projects_run_side_by_side_and_a_second_run_in_one_is_refused(tmp_path):

@@ -40,6 +40,36 @@ def test_rl_stage_on_two_ranks_keeps_weights_in_sync(smoke_project, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(sft.parameters(), cand.parameters()))
 
 
+def test_two_rank_rl_killed_mid_way_resumes_both_ranks_from_the_same_step(smoke_project, tmp_path):
+    """Both ranks open the stage from the one stage table, so they compute the same resume key (config + input
+    hashes) and find the same checkpoint: killed after step 3 (checkpointed at 2), both resume from step 2."""
+    root = tmp_path / "copy"
+    shutil.copytree(smoke_project, root, symlinks=True, ignore=shutil.ignore_patterns(".prefect", "mlruns*"))
+    shutil.rmtree(root / "models/smoke/rl")
+    raw = yaml.safe_load((root / "pipelines.yaml").read_text())
+    raw["pipelines"]["smoke"]["rl"].update(checkpoint_every=2, candidates=[
+        {"name": "chord", "algorithm": "chord", "seeds": [0], "steps": 5, "checkpoints": [2, 5], "lr": 1e-3}])
+    raw["pipelines"]["smoke"]["ope"]["top_k"] = 2
+    (root / "pipelines.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**project_env(root), "OMP_NUM_THREADS": "1",
+           "ALIGNFLOW_LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2"}
+    cmd = [str(BIN / "alignflow"), "stage", "rl", "--pipeline", "smoke"]
+
+    def run(log, **extra_env) -> int:  # output to a file: a SIGKILLed flow's orphaned Prefect server keeps pipes open
+        with open(tmp_path / log, "w") as out:
+            return subprocess.run(cmd, cwd=root, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=600).returncode
+    assert run("killed.log", ALIGNFLOW_FAULT="kill:rl:3") != 0 and not (root / "metrics/smoke/rl.json").exists()
+    code = run("resumed.log")
+    out = (tmp_path / "resumed.log").read_text(errors="replace")
+    assert code == 0, out[-6000:]
+    lines = sorted(line.split(": ", 1)[1] for line in out.splitlines() if "resumes from step" in line)
+    assert [line.split(" (")[0] for line in lines] == ["rank 0 resumes from step 2", "rank 1 resumes from step 2"], out[-3000:]
+    assert lines[0].split(" (")[1] == lines[1].split(" (")[1]  # the same checkpoint folder
+    assert json.loads((root / "metrics/smoke/rl.json").read_text())["candidates"] == ["chord-s0-2", "chord-s0-5"]
+    assert pd.read_csv(root / "metrics/smoke/rl_curve.csv")["step"].max() == 5
+
+
 def _diverging_rank(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
     from alignflow.train import distributed

@@ -4,15 +4,20 @@ import copy
 import pytest
 import yaml
 
-from alignflow.config import ConfigError, apply_overrides, load_project, parse_project
+from alignflow.config import ConfigError, load_project, parse_project
 from tests.conftest import REPO
 
 RAW = yaml.safe_load((REPO / "pipelines.yaml").read_text())
 
 
 def with_change(path: str, value):
+    """pipelines.yaml with one key set (values parsed as YAML, as `-S key=value` is)."""
     raw = copy.deepcopy(RAW)
-    return apply_overrides(raw, [f"{path}={value}"])
+    node, parts = raw, path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(str(value))
+    return raw
 
 
 def test_repo_config_is_valid():
