@@ -455,7 +455,7 @@ class _Launch:
         self._timed("mlflow_server_s", t)
 
     def workers(self) -> None:
-        """One process worker per pool, with what a stage job needs (flows/deploy.py:dvc_stage)."""
+        """One process worker per pool, with what a stage job needs (flows/stage_job.py:dvc_stage)."""
         t, host_name, launched = time.monotonic(), socket.gethostname().split(".")[0], []
         for pool in POOLS:
             name = f"{pool}-{host_name}"

@@ -148,6 +148,7 @@ class StageSpec:
     curve: str | None = None        # the plot whose rows are the stage's logged steps (ctx.curve)
     external: bool = False          # reads what metrics/<p>/external.json fingerprints (checkpoints, reward files)
     raw_data: bool = False          # reads data/raw
+    pool: str = "cpu"               # the scaled mode's work pool for its job (infra/prefect.yaml deploys it there)
     multi_rank: bool = False        # runs data-parallel under torchrun
     checkpointed: bool = False      # leaves resume state in checkpoints/<p>/<stage> until it finishes
 
@@ -165,22 +166,22 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               external=True, checkpointed=True),
     StageSpec("sft", "alignflow.steps.train:run_sft", inputs=("curated", "base"), outs=("sft",),
               params=("seed", "rewards", "sft"), curve="sft_curve", plots={"sft_curve": {**_STEP, "y": "val_score"}},
-              external=True, checkpointed=True),
+              external=True, pool="gpu", checkpointed=True),
     StageSpec("teacher", "alignflow.steps.train:run_teacher", inputs=("curated", "base"), outs=("teacher",),
               params=("seed", "teacher", "rl.candidates"), curve="teacher_curve",
-              plots={"teacher_curve": {**_STEP, "y": "loss"}}, external=True, checkpointed=True),
+              plots={"teacher_curve": {**_STEP, "y": "loss"}}, external=True, pool="gpu", checkpointed=True),
     StageSpec("rl", "alignflow.steps.train:run_rl", inputs=("curated", "base", "sft", "teacher"), outs=("rl",),
               params=("seed", "rewards", "rl"), curve="rl_curve", plots={"rl_curve": {**_STEP, "y": "reward"}},
-              external=True, multi_rank=True, checkpointed=True),
+              external=True, pool="gpu", multi_rank=True, checkpointed=True),
     StageSpec("logged", "alignflow.steps.logged:run", inputs=("curated", "sft"), outs=("logged",),
-              params=("seed", "rewards", "logged"), external=True),
+              params=("seed", "rewards", "logged"), external=True, pool="gpu"),
     StageSpec("ope", "alignflow.steps.ope:run", inputs=("curated", "logged", "sft", "rl"), outs=("ope",),
               params=("seed", "logged", "ope")),  # ope reads logged.max_new_tokens
     StageSpec("evaluate", "alignflow.steps.evaluate:run",
               inputs=("curated", "base", "sft", "rl", "logged", "ope"), outs=("reports",),
               params=("seed", "rewards", "ope", "evaluate"),  # ope.estimators and top_k: its selection metrics
               plots={"ope_vs_true": {"template": "scatter", "x": "true_value", "y": "estimate"},
-                     "sharpe_ratio_at_k": {"x": "k", "y": "sharpe_ratio"}}, external=True),
+                     "sharpe_ratio_at_k": {"x": "k", "y": "sharpe_ratio"}}, external=True, pool="gpu"),
 ]}
 
 

@@ -1,5 +1,5 @@
 """Prefect flows: the stages (flows/stages.py, one thin flow per entry of alignflow/stage.py's table) and
-`post_training`, which chains them through DVC; `retrain` and the scaled mode's `dvc-stage` job (flows/deploy.py)."""
+`post_training`, which chains them through DVC; `retrain`; the scaled mode's stage job (stage_job.py), its dispatch (dispatch.py) and deployments (deploy.py)."""
 
 
 def no_heartbeat():

@@ -18,7 +18,7 @@ from alignflow import tracking, versioning
 from alignflow.config import ConfigError, load_project
 from alignflow.layout import Layout, find_root
 from alignflow.stage import STAGES
-from flows import deploy as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
+from flows import dispatch as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
 from tasks.retry import stage_task
 
 

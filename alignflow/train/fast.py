@@ -647,43 +647,31 @@ def packed_rows_of(examples, idx: Sequence[int], seq_len: int, rows_per_micro: i
             for i in range(0, len(rows), rows_per_micro)]
 
 
-def train_sft_packed(model, examples, batch_size: int, pad_id: int, generator: torch.Generator, *, steps: int,
-                     lr: float, ckpt_dir, checkpoint_every: int, on_log: Callable[[int, dict], None],
-                     validate: Callable[[], dict] | None = None, validate_every: int = 0,
-                     stop: Callable[[dict], bool] | None = None, desc: str = "sft", seq_len: int | None = None,
-                     rows_per_micro: int = 8, max_nonfinite: int = 5, weight_decay: float = 0.01,
-                     compile: bool | None = None):
-    """supervised.train_lm's contract (same draws, loss, schedule, checkpoints, validation, early stop, skipped
-    non-finite updates) through the packed varlen path: each step draws `batch_size` (input ids, labels) examples
-    with the same generator calls as supervised.sft_batches, packs them into rows of `seq_len` (default: the
-    longest example rounded up to 64, at least 1,024) and takes one optimizer step over them: mean CE over every
-    labelled token of the step, bf16 autocast on fp32 master weights, per-layer torch.compile, chunked lm_head +
-    CE, fused AdamW, grad-norm clipping at 1. No out-of-memory retry (lower rows_per_micro instead).
+def train_sft_packed(model, examples, batch_size: int, pad_id: int, generator: torch.Generator, *, lr: float,
+                     seq_len: int | None = None, rows_per_micro: int = 8, weight_decay: float = 0.01,
+                     compile: bool | None = None, **loop):
+    """supervised.train_lm (the one loop: same draws, schedule, checkpoints, validation, early stop, skipped
+    non-finite updates; `loop` is its keyword arguments) with each step through the packed varlen path: the step
+    draws `batch_size` (input ids, labels) examples with the same generator calls as supervised.sft_batches, packs
+    them into rows of `seq_len` (default: the longest example rounded up to 64, at least 1,024) and takes one
+    optimizer step over them: mean CE over every labelled token of the step, bf16 autocast on fp32 master weights,
+    per-layer torch.compile, chunked lm_head + CE, fused AdamW. No out-of-memory retry (lower rows_per_micro).
     -> supervised.TrainResult"""
-    import logging
-    import math
     import time
-    from alignflow import checkpoint, faults
-    from alignflow.train.supervised import NonFiniteLossError, TrainResult, cosine_with_warmup
-    log = logging.getLogger(__name__)
+
+    from alignflow.train.supervised import train_lm
     longest = max(len(x) for x, _ in examples)
     seq_len = seq_len or max(1024, -(-longest // 64) * 64)
     optimizer = make_adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
     trainer = FastSFTTrainer(model, lr=lr, compile=compile, optimizer=optimizer)
-    scheduler = cosine_with_warmup(optimizer, steps, warmup=max(1, steps // 20))
-    state = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
-    start = state["step"] if state else 0
-    if state:
-        generator.set_state(state["extra"]["data_generator"])
-        if state["extra"].get("stopped"):
-            return TrainResult(start, start, True, float("nan"))
     device = trainer.fwd.device
-    loss_value, stopped, nonfinite_in_row, step = float("nan"), False, 0, start - 1
-    for step in range(start, steps):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
         idx = torch.randint(0, len(examples), (batch_size,), generator=generator).tolist()
         micro = [b.to(device, non_blocking=True) for b in packed_rows_of(examples, idx, seq_len, rows_per_micro, pad_id)]
         model.train()
+        optimizer.zero_grad(set_to_none=True)
         total = max(1, sum(b.n_targets for b in micro))
         loss = torch.zeros((), device=device)
         for b in micro:
@@ -691,37 +679,11 @@ def train_sft_packed(model, examples, batch_size: int, pad_id: int, generator: t
                 part = trainer.fwd.loss(b, chunk=trainer.chunk, reduction="sum") / total
             part.backward()
             loss += part.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        loss_value = loss.item()
-        if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-            nonfinite_in_row += 1
-            log.warning("%s step %d: non-finite loss or gradient; update skipped (%d in a row)", desc, step + 1,
-                        nonfinite_in_row)
-            if nonfinite_in_row >= max_nonfinite:
-                raise NonFiniteLossError(f"{desc}: {nonfinite_in_row} non-finite losses in a row at step {step + 1}; "
-                                         "lower the learning rate or check the data")
-        else:
-            nonfinite_in_row = 0
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "micro_batches": len(micro),
-                   "skipped_update": float(nonfinite_in_row > 0), "packed_rows": len(micro) * rows_per_micro,
-                   "tokens": total, "doc_tokens": sum(n for b in micro for n in b.doc_lengths),
-                   "step_seconds": time.perf_counter() - started}
-        if validate and validate_every and ((step + 1) % validate_every == 0 or step + 1 == steps):
-            metrics.update(validate())
-            model.train()
-            stopped = bool(stop and stop(metrics))
-        on_log(step + 1, metrics)
-        if stopped or (step + 1) % checkpoint_every == 0:
-            checkpoint.save(ckpt_dir, step + 1, model, optimizer, scheduler,
-                            extra={"data_generator": generator.get_state(), "stopped": stopped})
-        faults.maybe_kill(desc, step + 1)
-        if stopped:
-            break
-    return TrainResult(steps_run=step + 1 - start if steps > start else 0, resumed_from=start,
-                       stopped_early=stopped, last_loss=loss_value)
+        return loss, {"micro_batches": len(micro), "packed_rows": len(micro) * rows_per_micro, "tokens": total,
+                      "doc_tokens": sum(n for b in micro for n in b.doc_lengths),
+                      "step_seconds": time.perf_counter() - started}
+
+    return train_lm(model, None, generator, lr=lr, optimizer=optimizer, step_loss=step_loss, **loop)
 
 
 def model_flops_per_token(model) -> tuple[int, int]:

@@ -234,6 +234,56 @@ def _warn_zero_rewards(steps: int, source: _PromptStream, batch: RolloutBatch, t
                 "that the SFT policy can solve some prompts (rl.temperature, more SFT).", steps, why, sample[:200])
 
 
+def _resume(ckpt_dir: Path, run: str, model, optimizer, scheduler, data_gen: torch.Generator,
+            history: RewardHistory | None) -> int:
+    """Restore the newest checkpoint of this run (every rank reads the one rank 0 wrote); the step to start at."""
+    state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
+    if not state:
+        return 0
+    print(f"rl {run}: rank {distributed.rank()} resumes from step {state['step']} ({ckpt_dir})", flush=True)
+    data_gen.set_state(state["extra"]["data_generator"])  # shared by all ranks: they split each step's draw
+    if history is not None:
+        history.load_state_dict(state["extra"]["reward_history"])
+    return state["step"]
+
+
+def _checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, data_gen: torch.Generator,
+                history: RewardHistory | None) -> None:
+    extra_state = {"data_generator": data_gen.get_state()}
+    if history is not None:
+        extra_state["reward_history"] = history.state_dict()
+    checkpoint.save(ckpt_dir / "state", step, model, optimizer, scheduler, extra=extra_state)
+
+
+def _rollout(source: _PromptStream, engine, algo, hp: dict, inputs: frozenset[str], expert, data_gen, tokenizer):
+    """One step's samples through the preset's rollout hook, their rewards and reward metrics, then (CHORD) the
+    expert demonstrations mixed in. -> (batch, metrics, whether every sampled reward was 0)"""
+    source.start_step()
+    engine.check_synced()  # the trainer's weights are those of the last verified sync (else WeightSyncError)
+    batch, metrics = ROLLOUTS[algo.rollout](source, hp)
+    best = torch.zeros(batch.n_groups).scatter_reduce(0, batch.group_ids.cpu(), batch.rewards.float(), "amax",
+                                                      include_self=False)
+    metrics.update(reward=float(batch.rewards.mean()), reward_errors=source.reward_errors,
+                   zero_reward_groups=float((best <= 0).float().mean()),  # no group-relative signal there
+                   completion_len=float(batch.completion_mask.sum(-1).float().mean()), **source.reward_means())
+    all_zero = bool((batch.rewards == 0).all())
+    if "expert" in inputs:
+        n_expert = max(1, round(hp["expert_share"] / (1 - hp["expert_share"]) * len(batch.rewards)))
+        picks = torch.randint(len(expert), (n_expert,), generator=data_gen).tolist()
+        rows = _expert_rows(tokenizer, [expert[i] for i in picks], batch.input_ids.device)
+        batch = concat_batches([batch, rows], tokenizer.pad_token_id)
+    return batch, metrics, all_zero
+
+
+def _sync_and_check(engine, model, batch: RolloutBatch, adv: torch.Tensor, mask: torch.Tensor) -> dict:
+    """After the update: the engine synced to the trainer and verified (WeightSyncError if not), the ranks
+    checked in step, and the importance ratios the update saw (rollout vs trainer log-probs)."""
+    tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
+    return dict(sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
+                rank_max_abs_diff=distributed.check_in_sync(engine.probe_logprobs),
+                tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item())
+
+
 def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLConfig, prompts: TaskRows | list[str],
                     answers: list[str] | None, ckpt_dir: Path, on_log: Callable[[int, dict], None],
                     ref_model=None, reward_fn=accuracy_reward, max_nonfinite: int = 5, *,
@@ -264,13 +314,7 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     warmup = max(1, cand.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     history = RewardHistory() if "history" in inputs else None
-    state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
-    start = state["step"] if state else 0
-    if state:
-        print(f"rl {cand.name} s{seed}: rank {distributed.rank()} resumes from step {start} ({ckpt_dir})", flush=True)
-        data_gen.set_state(state["extra"]["data_generator"])  # shared by all ranks: they split each step's draw
-        if history is not None:
-            history.load_state_dict(state["extra"]["reward_history"])
+    start = _resume(ckpt_dir, f"{cand.name} s{seed}", model, optimizer, scheduler, data_gen, history)
     if distributed.rank():  # every rank samples its own completions (rank 0 keeps the single-process stream)
         torch.manual_seed(seed + 7919 * distributed.rank() + start)
     precision = _precision(cfg, model)
@@ -280,45 +324,28 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
     zero_steps = 0
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
     is_separator = _separator_ids(tokenizer) if "steps" in inputs else None
-    mask_dtype, counters = torch.float32, UpdateCounters(slice_rows=cfg.micro_batch_size)
+    counters = UpdateCounters(slice_rows=cfg.micro_batch_size)
     bar = tqdm(range(start, cand.steps), desc=f"rl {cand.name} s{seed}", initial=start, total=cand.steps, mininterval=2,
                disable=not distributed.is_main())
     for step in bar:
         started = time.perf_counter()
-        # ---- rollout (the preset's hook) and reward
-        source.start_step()
-        engine.check_synced()  # the trainer's weights are those of the last verified sync (else WeightSyncError)
-        batch, metrics = ROLLOUTS[algo.rollout](source, hp)
-        best = torch.zeros(batch.n_groups).scatter_reduce(0, batch.group_ids.cpu(), batch.rewards.float(), "amax",
-                                                          include_self=False)
-        metrics.update(reward=float(batch.rewards.mean()), reward_errors=source.reward_errors,
-                       zero_reward_groups=float((best <= 0).float().mean()),  # no group-relative signal there
-                       completion_len=float(batch.completion_mask.sum(-1).float().mean()), **source.reward_means())
-        zero_steps = zero_steps + 1 if bool((batch.rewards == 0).all()) else 0
+        batch, metrics, all_zero = _rollout(source, engine, algo, hp, inputs, expert, data_gen, tokenizer)
+        zero_steps = zero_steps + 1 if all_zero else 0
         if zero_steps == zero_reward_patience:
             _warn_zero_rewards(zero_steps, source, batch, tokenizer)
-        if "expert" in inputs:
-            n_expert = max(1, round(hp["expert_share"] / (1 - hp["expert_share"]) * len(batch.rewards)))
-            picks = torch.randint(len(expert), (n_expert,), generator=data_gen).tolist()
-            rows = _expert_rows(tokenizer, [expert[i] for i in picks], batch.input_ids.device)
-            batch = concat_batches([batch, rows], tokenizer.pad_token_id)
         batch.step, batch.total_steps = step, cand.steps
         # ---- the extra inputs the method needs, then its advantage
         rolled_out = time.perf_counter()  # rewards are Python floats: the rollout has finished on the device
         _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator,
                      engine_is_trainer=getattr(engine, "shares_trainer_weights", False), precision=precision)
-        T, mask = batch.completion_len, batch.completion_mask.to(mask_dtype)
+        mask = batch.completion_mask.to(torch.float32)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update: ppo_epochs x mini-batches optimizer steps (old_logprobs stay those of the sampling policy)
         metrics.update(update_policy(scorer, model, optimizer, scheduler, batch, adv, mask, algo, hp, cfg, counters,
                                       max_nonfinite, step))
         updated = time.perf_counter()  # loss.item() / grad_norm.item() waited for the backward and the all-reduce
         # ---- weight sync (verified), logging, checkpoints
-        tis = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[mask.bool()]
-        metrics.update(skipped_updates=counters.skipped,
-                       sync_max_abs_diff=engine.sync(model), tis_ratio_mean=tis.mean().item(),
-                       rank_max_abs_diff=distributed.check_in_sync(engine.probe_logprobs),
-                       tis_ratio_max=tis.max().item(), advantage_abs_mean=adv[mask.bool()].abs().mean().item())
+        metrics.update(skipped_updates=counters.skipped, **_sync_and_check(engine, model, batch, adv, mask))
         metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
         done = time.perf_counter()  # after the all-reduce of the reward: the slowest rank's step
         metrics.update(step_seconds=done - started, rollout_seconds=rolled_out - started,
@@ -328,13 +355,10 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
             faults.maybe_kill("rl", step + 1)
             continue
         on_log(step + 1, metrics)
-        if step + 1 in cand.checkpoints:
+        if step + 1 in cand.checkpoints:  # a candidate policy
             save(model, tokenizer, ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{step + 1}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:
-            extra_state = {"data_generator": data_gen.get_state()}
-            if history is not None:
-                extra_state["reward_history"] = history.state_dict()
-            checkpoint.save(ckpt_dir / "state", step + 1, model, optimizer, scheduler, extra=extra_state)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:  # resume state
+            _checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, data_gen, history)
         faults.maybe_kill("rl", step + 1)
     bar.close()
     distributed.barrier()  # the last snapshot is written before any rank returns

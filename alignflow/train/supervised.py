@@ -82,15 +82,22 @@ def _accumulate(model, batch: dict, micro_batches: int, amp: Callable, where: st
     return total
 
 
-def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, *, steps: int, lr: float,
+def train_lm(model, next_batch: Callable[[], dict] | None, generator: torch.Generator, *, steps: int, lr: float,
              ckpt_dir: Path, checkpoint_every: int, on_log: Callable[[int, dict], None],
              validate: Callable[[], dict] | None = None, validate_every: int = 0,
              stop: Callable[[dict], bool] | None = None, desc: str = "train", precision: str = "fp32",
-             max_nonfinite: int = 5) -> TrainResult:
-    """AdamW + cosine schedule; resumes from `ckpt_dir` if a checkpoint is there (the data generator's state
-    is part of it, so a resumed run sees the same batches as an uninterrupted one)."""
+             max_nonfinite: int = 5, optimizer: torch.optim.Optimizer | None = None,
+             step_loss: Callable[[int], tuple[torch.Tensor, dict]] | None = None) -> TrainResult:
+    """The one next-token training loop (base, SFT, teacher): AdamW + cosine schedule, clipping at 1, non-finite
+    updates skipped, validation and early stop, resume from `ckpt_dir` (the data generator's state is part of the
+    checkpoint, so a resumed run sees the same batches as an uninterrupted one).
+
+    Each step's forward/backward is `next_batch()`'s padded batch, in micro-batches halved on out-of-memory; or,
+    given `step_loss(step)` (the packed varlen path, fast.train_sft_packed), whatever it draws and backpropagates:
+    it returns the step's loss and extra metrics."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
+                                               fused=device.type == "cuda")
     scheduler = cosine_with_warmup(optimizer, steps, warmup=max(1, steps // 20))
     state = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
     start = state["step"] if state else 0
@@ -102,10 +109,14 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
     loss_value, stopped, nonfinite_in_row, micro_batches = float("nan"), False, 0, 1
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
     for step in bar:
-        batch = {k: v.to(device) for k, v in next_batch().items()}
-        loss, micro_batches = retry_in_halves(
-            lambda k: _accumulate(model, batch, k, lambda: autocast(device.type, precision), desc, step + 1),
-            micro_batches, len(batch["input_ids"]), optimizer, f"{desc} step {step + 1}")
+        if step_loss is None:
+            batch = {k: v.to(device) for k, v in next_batch().items()}
+            loss, micro_batches = retry_in_halves(
+                lambda k: _accumulate(model, batch, k, lambda: autocast(device.type, precision), desc, step + 1),
+                micro_batches, len(batch["input_ids"]), optimizer, f"{desc} step {step + 1}")
+            extra = {"micro_batches": micro_batches}
+        else:
+            loss, extra = step_loss(step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             nonfinite_in_row += 1
@@ -120,7 +131,7 @@ def train_lm(model, next_batch: Callable[[], dict], generator: torch.Generator, 
             optimizer.step()
         scheduler.step()
         loss_value = loss.item()
-        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "micro_batches": micro_batches,
+        metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], **extra,
                    "skipped_update": float(nonfinite_in_row > 0)}
         if validate and validate_every and ((step + 1) % validate_every == 0 or step + 1 == steps):
             metrics.update(validate())

@@ -20,11 +20,10 @@ import yaml
 
 from alignflow import infra
 from alignflow.stage import STAGES
-from flows.deploy import STAGE_POOLS
 from tests.conftest import BIN, REPO, make_project, project_env, stage_runs
 
 POSTGRES = os.environ.get("ALIGNFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-GPU_STAGES = [s for s in STAGES if STAGE_POOLS.get(s) == "gpu"]
+GPU_STAGES = [s for s in STAGES if STAGES[s].pool == "gpu"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 FIGURES: dict = {}
 
@@ -58,14 +57,14 @@ def _children(api, parent_id: str) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- fast checks (no servers)
 def test_every_stage_has_a_deployment_in_its_pool():
-    from flows.deploy import JOB_FLOW, load_prefect_yaml
+    from flows.deploy import load_prefect_yaml
+    from flows.stage_job import JOB_FLOW
     specs = {d["name"]: d for d in load_prefect_yaml(REPO / "infra" / "prefect.yaml")}
     assert {"sft", "rl", "logged", "evaluate"} <= set(GPU_STAGES)
     for stage in STAGES:
-        assert stage in STAGE_POOLS, f"flows/deploy.py:STAGE_POOLS has no pool for {stage!r}"
         spec = specs.get(stage)
-        assert spec and spec["entrypoint"] == f"flows/deploy.py:{JOB_FLOW.replace('-', '_')}", stage
-        assert spec["work_pool"]["name"] == STAGE_POOLS[stage] and spec["parameters"] == {"stage": stage}
+        assert spec and spec["entrypoint"] == f"flows/stage_job.py:{JOB_FLOW.replace('-', '_')}", stage
+        assert spec["work_pool"]["name"] == STAGES[stage].pool and spec["parameters"] == {"stage": stage}
     assert specs["nightly"]["schedules"][0]["cron"] and specs["scaled"]["work_pool"]["name"] == "cpu"
 
 
@@ -79,7 +78,7 @@ def test_binding_beyond_loopback_requires_auth(tmp_path, monkeypatch):
 
 def test_mode_switch(monkeypatch):
     """Embedded stays the default; scaled is asked for (or found: a server holding the stage deployments)."""
-    from flows.deploy import ScaledModeError, scaled_mode
+    from flows.dispatch import ScaledModeError, scaled_mode
     for var in ("ALIGNFLOW_MODE", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     assert scaled_mode() is False
@@ -97,7 +96,7 @@ def test_mode_switch(monkeypatch):
 
 
 def test_carried_files_stay_inside_the_checkout_and_passwords_stay_out_of_state(tmp_path):
-    from flows.deploy import read_files, write_files
+    from flows.stage_job import read_files, write_files
     write_files(tmp_path, {"metrics/p/a.json": "{}", "bin.dat": "base64://4=", "gone.json": None})
     assert read_files(tmp_path, ["metrics/p/a.json", "bin.dat", "gone.json"]) == {
         "metrics/p/a.json": "{}", "bin.dat": "base64://4=", "gone.json": None}
@@ -192,10 +191,9 @@ def test_status_reports_everything_up(stack):
 
 @pytest.mark.scaled
 def test_deployments_pools_and_retrain_schedule(stack, api):
-    from flows.deploy import STAGE_POOLS
-    for stage, pool in STAGE_POOLS.items():
+    for stage, spec in STAGES.items():
         dep = api.get(f"deployments/name/dvc-stage/{stage}").json()
-        assert dep["work_pool_name"] == pool, stage
+        assert dep["work_pool_name"] == spec.pool, stage
     assert api.get("deployments/name/post_training/scaled").json()["work_pool_name"] == "cpu"
     nightly = api.get("deployments/name/retrain/nightly").json()
     assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 3 * * *", True)]
