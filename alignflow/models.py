@@ -260,7 +260,7 @@ def autocast(device: str, precision: str):
 def save(model, tokenizer, path: str | Path) -> None:
     """save_pretrained into a temporary sibling, then rename: a half-written model is never seen. A LoRA model is
     saved merged (a plain transformers checkpoint)."""
-    from alignflow.train import lora
+    from alignflow import lora
     model = lora.merged(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

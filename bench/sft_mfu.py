@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from alignflow import decoder  # noqa: E402
 from alignflow.train import fast  # noqa: E402
 
 PEAK = 989.4e12
@@ -252,7 +253,7 @@ def main() -> int:
     RESULT["measured_bf16_matmul_flops"] = matmul_ceiling()
     model = build_05b()
     N, _ = fast.model_flops_per_token(model)
-    spec = fast.decoder_spec(model)
+    spec = decoder.decoder_spec(model)
     RESULT["N_matmul_params"] = N
     fast.varlen_available("cuda")
     try:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from alignflow import models  # noqa: E402
+from alignflow import decoder, models  # noqa: E402
 from alignflow.train import fast  # noqa: E402
 
 PEAK = 989.4e12  # H100/H200 SXM dense bf16 (datasheet)
@@ -115,7 +115,7 @@ def run_sft(trainer: str, examples, batch: int, steps: int, warm: int, seed: int
     model, tok = load()
     if lora_r:
         from alignflow.config import LoraSettings
-        from alignflow.train import lora
+        from alignflow import lora
         model = lora.wrap(model, LoraSettings(r=lora_r))
     reset_peak()
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +149,7 @@ def sect_sft(args) -> dict:
     examples = sft_examples(4000, vocab)
     model, _ = load()
     N, _ = fast.model_flops_per_token(model)
-    spec = fast.decoder_spec(model)
+    spec = decoder.decoder_spec(model)
     applies = fast.sft_packed_applies(model, "bf16")
     del model
     B, warm, steps = args.sft_batch, args.warmup, args.steps
@@ -285,7 +285,8 @@ def run_rl(args, lora_r: int | None = None) -> dict:
     from alignflow.config import CandidateConfig, LoraSettings, RLConfig
     from alignflow.data.rows import TaskRows
     from alignflow.rewards import RewardSet, accuracy_reward
-    from alignflow.train import lora, rl
+    from alignflow import lora
+    from alignflow.train import rl
     model, tok = load()
     settings = LoraSettings(r=lora_r) if lora_r else None
     if settings:

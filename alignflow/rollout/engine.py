@@ -1,5 +1,6 @@
 """Rollout engines: prompts -> completions with token ids and the per-token log-probs of the distribution
-actually sampled from. One interface; `transformers` (in-process, default) and `vllm` (own process).
+actually sampled from. One interface and a registry (ENGINES): `transformers` (in-process, default), `static`
+(alignflow/rollout/static_engine.py) and `vllm` (own process, alignflow/rollout/vllm_engine.py).
 
 After every policy update the loop calls `sync(model)`, which loads the weights and then *verifies* them:
 the engine's log-probs of a fixed probe sequence must match the trainer's, else `WeightSyncError`.
@@ -41,7 +42,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, return_entropy: bool = False):
     """Log-prob of each of the last `completion_len` tokens given everything before it. -> [B, T]
     Only the completion positions' logits are materialised (never the full [B, L, vocab] in fp32)."""
-    from alignflow.train.lora import backbone
+    from alignflow.lora import backbone
     model = backbone(model)  # under peft, the adapters sit inside the backbone's layers
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
@@ -120,13 +121,18 @@ class TransformersEngine:
         self._synced.check_unchanged()
 
 
+# name -> "module:class": imported when asked for (vLLM's client needs its own environment, the static engine CUDA)
+ENGINES = {"transformers": "alignflow.rollout.engine:TransformersEngine",
+           "static": "alignflow.rollout.static_engine:StaticCacheEngine",
+           "vllm": "alignflow.rollout.vllm_engine:VLLMEngine"}
+
+
 def make_engine(name: str, model, tokenizer, dtype: torch.dtype | None = None):
     """transformers (in-process generate), static (own decode loop: static KV cache, torch.compile and CUDA
     graphs on GPU; `dtype`: its own copy of the weights in that dtype), vllm (its own environment and process)."""
-    if name == "transformers":
-        return TransformersEngine(model, tokenizer)
-    if name == "static":
-        from alignflow.rollout.static_engine import StaticCacheEngine
-        return StaticCacheEngine(model, tokenizer, dtype=dtype)
-    from alignflow.rollout.vllm_engine import VLLMEngine  # own process and environment
-    return VLLMEngine(model, tokenizer)
+    import importlib
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; engines: {sorted(ENGINES)}")
+    module, _, cls = ENGINES[name].partition(":")
+    engine = getattr(importlib.import_module(module), cls)
+    return engine(model, tokenizer, dtype=dtype) if dtype is not None else engine(model, tokenizer)

@@ -1,7 +1,7 @@
 """StaticCacheEngine: fast batched rollouts from a transformers Qwen2/Llama-family model (issue 7).
 
 Same interface as TransformersEngine (`generate`, `probe_logprobs`, `sync`), own decode loop over the HF model's
-modules (alignflow/train/fast.py's functional decoder, reading the model's own parameters):
+modules (alignflow/decoder.py, the functional decoder, reading the model's own parameters):
 
 * prefill: one eager pass over the left-padded prompts, writing K/V into a preallocated static cache
   [B, KV, S, D] per layer;
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from alignflow.rollout.engine import Completions, Sampling, token_logprobs
 from alignflow.rollout.sync import SyncRecord
-from alignflow.train import fast
+from alignflow import decoder
 
 BUCKET = 64
 
@@ -54,10 +54,10 @@ class StaticCacheEngine:
         of three and two; +2/3 of the MLP weights in memory). The copies are refreshed by `sync` and whenever an
         in-place update of the model's parameters is seen (their version counters), and the probe that `sync`
         verifies runs through them."""
-        from alignflow.train import lora
+        from alignflow import lora
         trainer = model
         model = lora.merged(model)  # a LoRA policy: sample from a merged copy, refreshed by every sync
-        self.spec = fast.decoder_spec(model)
+        self.spec = decoder.decoder_spec(model)
         model_dtype = next(model.parameters()).dtype
         if dtype is not None and dtype != model_dtype:
             model = copy.deepcopy(model).to(dtype)
@@ -83,21 +83,21 @@ class StaticCacheEngine:
         pad = pad_token_id if pad_token_id != -1 else (tokenizer.pad_token_id if tokenizer is not None else
                                                       getattr(gen, "pad_token_id", None))
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
-        self.rope = fast.RopeTable(self.model)
+        self.rope = decoder.RopeTable(self.model)
         self.probe = probe_ids.to(self.device) if probe_ids is not None else None
         if self.probe is None and tokenizer is not None and probe_text:
             self.probe = tokenizer(probe_text, return_tensors="pt")["input_ids"].to(self.device)
         spec = self.spec
 
         def f_in(x, cos, sin, w_in):
-            return fast.attn_in(spec, x, cos, sin, *w_in)
+            return decoder.attn_in(spec, x, cos, sin, *w_in)
 
         def f_mid(x, o, cos, sin, w_out, w_in):
-            x = fast.attn_out_mlp(spec, x, o, *w_out)
-            return (x, *fast.attn_in(spec, x, cos, sin, *w_in))
+            x = decoder.attn_out_mlp(spec, x, o, *w_out)
+            return (x, *decoder.attn_in(spec, x, cos, sin, *w_in))
 
         def f_out(x, o, w_out):
-            return fast.attn_out_mlp(spec, x, o, *w_out)
+            return decoder.attn_out_mlp(spec, x, o, *w_out)
 
         self._f_head = self._head
         self._f_in, self._f_mid, self._f_out = f_in, f_mid, f_out
@@ -120,8 +120,8 @@ class StaticCacheEngine:
         if self.fuse_weights and self._fused is not None and not refresh:
             return self._fused  # inside a captured step: no host-side version walk, no copies
         layers = self.model.model.layers
-        w_in = [fast.attn_in_weights(layer) for layer in layers]
-        w_out = [fast.attn_out_weights(layer) for layer in layers]
+        w_in = [decoder.attn_in_weights(layer) for layer in layers]
+        w_out = [decoder.attn_out_weights(layer) for layer in layers]
         if not self.fuse_weights:
             return w_in, w_out
         self._refresh_fused(w_in, w_out)
@@ -138,14 +138,14 @@ class StaticCacheEngine:
             return
         if w_in is None:
             layers = self.model.model.layers
-            w_in = [fast.attn_in_weights(layer) for layer in layers]
-            w_out = [fast.attn_out_weights(layer) for layer in layers]
+            w_in = [decoder.attn_in_weights(layer) for layer in layers]
+            w_out = [decoder.attn_out_weights(layer) for layer in layers]
         with torch.no_grad():
             if self._fused is None:
-                self._fused = ([fast.fuse_in(w) for w in w_in], [fast.fuse_out(w) for w in w_out])
+                self._fused = ([decoder.fuse_in(w) for w in w_in], [decoder.fuse_out(w) for w in w_out])
             else:
                 for (dst_in, dst_out), src_in, src_out in zip(zip(*self._fused), w_in, w_out):
-                    new_in, new_out = fast.fuse_in(src_in), fast.fuse_out(src_out)
+                    new_in, new_out = decoder.fuse_in(src_in), decoder.fuse_out(src_out)
                     for d, n in ((dst_in[1], new_in[1]), (dst_in[2], new_in[2]), (dst_out[3], new_out[3]),
                                  (dst_out[4], new_out[4])):
                         if d is not None:
@@ -158,7 +158,7 @@ class StaticCacheEngine:
     # ---------------------------------------------------------------------------------------------- pieces
     def _head(self, x, norm_w, lm_w, temp, noise, greedy: bool):
         """final norm + lm_head + sample. -> (token [B], log-prob [B] fp32)."""
-        h = fast.rms_norm(x, norm_w, self.spec.eps)
+        h = decoder.rms_norm(x, norm_w, self.spec.eps)
         logits = F.linear(h, lm_w).float()
         if greedy:
             z = logits
@@ -190,14 +190,14 @@ class StaticCacheEngine:
         x = m.embed_tokens(ids)
         w_in, w_out = self._weights()
         for i in range(spec.n_layers):
-            q, k, v = fast.attn_in(spec, x, cos, sin, *w_in[i])        # [B, P, H|KV, D]
+            q, k, v = decoder.attn_in(spec, x, cos, sin, *w_in[i])        # [B, P, H|KV, D]
             k, v = k.transpose(1, 2), v.transpose(1, 2)                 # [B, KV, P, D]
             if cache_k is not None:
                 cache_k[i][:, :, :P] = k
                 cache_v[i][:, :, :P] = v
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(spec.groups, 1),
                                                v.repeat_interleave(spec.groups, 1), attn_mask=bias, scale=spec.scaling)
-            x = fast.attn_out_mlp(spec, x, o.transpose(1, 2).reshape(B, P, -1), *w_out[i])
+            x = decoder.attn_out_mlp(spec, x, o.transpose(1, 2).reshape(B, P, -1), *w_out[i])
         return x
 
     # ---------------------------------------------------------------------------------------------- state
@@ -377,7 +377,7 @@ class StaticCacheEngine:
         ids = input_ids.to(self.device)
         x = self._full_hidden(ids, torch.ones_like(ids))
         m = self.model
-        logits = F.linear(fast.rms_norm(x[:, :-1], m.model.norm.weight, self.spec.eps), m.lm_head.weight).float()
+        logits = F.linear(decoder.rms_norm(x[:, :-1], m.model.norm.weight, self.spec.eps), m.lm_head.weight).float()
         return F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
     def probe_logprobs(self) -> torch.Tensor:
@@ -398,7 +398,7 @@ class StaticCacheEngine:
         """Copy the trainer's weights in (in place: CUDA graphs keep their pointers), then verify them against the
         trainer (alignflow.rollout.sync): the probe through the engine's eager path, and a greedy continuation
         of it through the decode path that samples. Returns max |diff|."""
-        from alignflow.train import lora
+        from alignflow import lora
         with torch.no_grad():
             if trainer_model is not self.model:
                 self.model.load_state_dict(lora.merged(trainer_model).state_dict())

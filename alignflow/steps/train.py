@@ -10,7 +10,8 @@ from alignflow import models
 from alignflow.data.rows import TaskRows, read_rows
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
-from alignflow.train import distributed, fast, lora, rl, supervised
+from alignflow import lora
+from alignflow.train import distributed, fast, rl, supervised
 from alignflow.stage import StageContext, read_split
 
 

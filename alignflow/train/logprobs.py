@@ -44,7 +44,7 @@ def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     `chunk` tokens at a time (forward and backward). -> [B, T] fp32, as token_logprobs (and the entropies [B, T],
     without gradient, when `return_entropy`)"""
     from alignflow.rollout import token_logprobs
-    from alignflow.train.lora import backbone
+    from alignflow.lora import backbone
     lm = backbone(model)  # under peft, the adapters sit inside the backbone's layers
     if not _plain_head(lm):
         return token_logprobs(model, input_ids, attention_mask, completion_len, temperature, return_entropy)

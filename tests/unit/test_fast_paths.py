@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignflow import models
+from alignflow import decoder, models
 from alignflow.config import TinyModelConfig
 from alignflow.rollout import Sampling, TransformersEngine, token_logprobs
 from alignflow.rollout.engine import WeightSyncError
@@ -99,7 +99,7 @@ def test_sampling_follows_the_distribution(tok):
     x = torch.randn(1, SHAPE.hidden_size) * 3
     V = m.lm_head.weight.shape[0]
     with torch.no_grad():
-        logits = F.linear(fast.rms_norm(x, m.model.norm.weight, engine.spec.eps), m.lm_head.weight)[0] * 40
+        logits = F.linear(decoder.rms_norm(x, m.model.norm.weight, engine.spec.eps), m.lm_head.weight)[0] * 40
         m.lm_head.weight.mul_(40)
         probs = F.softmax(logits / 0.5, -1)
         toks, lps = engine._sample(x.expand(20000, -1).contiguous(), False, torch.tensor([0.5]))
@@ -260,7 +260,7 @@ def test_trainer_step_reduces_loss(model, tok):
 
 
 def test_flop_counts(model):
-    spec = fast.decoder_spec(model)
+    spec = decoder.decoder_spec(model)
     n, emb = fast.model_flops_per_token(model)
     assert emb == model.model.embed_tokens.weight.numel()
     assert n == sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2) + model.lm_head.weight.numel()

@@ -10,7 +10,7 @@ import torch
 from alignflow import models
 from alignflow.config import CandidateConfig, LoraSettings, RLConfig, TinyModelConfig
 from alignflow.rollout import token_logprobs
-from alignflow.train import lora
+from alignflow import lora
 from alignflow.train.rl import train_candidate
 
 SETTINGS = LoraSettings(r=4, alpha=8)
