@@ -28,7 +28,9 @@ def cmd_run(args) -> int:
         preflight(root, args.pipeline)
     with run_lock(root), no_heartbeat():
         post_training(pipeline=args.pipeline, overrides=args.set or [])
-    print(f"done: metrics/{args.pipeline}/evaluate.json, reports/{args.pipeline}/report.html")
+    from alignflow.layout import Layout
+    layout = Layout(root, args.pipeline)
+    print(f"done: {layout.rel(layout.metrics_file('evaluate'))}, {layout.rel(layout.report)}")
     return 0
 
 

@@ -38,9 +38,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from alignflow import versioning
+from alignflow.layout import write_json
+from alignflow.stage import STAGES
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-POOLS = ("cpu", "gpu")
+POOLS = tuple(sorted({spec.pool for spec in STAGES.values()}))  # the work pools the stages run in
 BIN = Path(sys.executable).parent
 
 
@@ -363,10 +365,7 @@ def _read_state(root: Path) -> dict | None:
 
 
 def _write_state(root: Path, state: dict) -> None:
-    path = infra_dir(root) / "state.json"
-    tmp = path.with_name(".state.json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_json(infra_dir(root) / "state.json", state)
 
 
 def client_env(state: dict) -> dict[str, str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow import versioning
+from alignflow.layout import atomic_path
 from alignflow.stage import STAGES
 
 JOB_FLOW = "dvc-stage"
@@ -69,9 +70,8 @@ def write_files(root: Path, files: dict[str, str | None]) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         data = base64.b64decode(text[7:]) if text.startswith("base64:") else text.encode("utf-8")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
 
 
 # ---------------------------------------------------------------- the worker side

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from alignflow.config import CurateConfig, GeneratorConfig
 from alignflow.data import task
+from alignflow.layout import atomic_path
 
 SPLITS = ("sft", "rl", "logged", "eval", "ood", "real", "corpus")
 TRAIN_SPLITS = ("sft", "rl", "corpus")
@@ -560,20 +561,11 @@ def validate_with_gx(rows: list[dict], max_chars: int) -> tuple[list[dict], list
 
 
 # ---------------------------------------------------------------- outputs
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8", errors="backslashreplace"))
+    with atomic_path(path) as tmp:
+        tmp.write_text(lines, encoding="utf-8", errors="backslashreplace")
 
 
 def _dumps(value: object) -> str:
@@ -587,7 +579,8 @@ def _out_record(row: dict) -> dict:
 
 def _write_parquet(path: Path, records: list[dict], schema: pa.Schema) -> None:
     table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in records], schema=schema)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_outputs(rows: list[dict], rejected: list[dict], summary: dict, out_dir: Path) -> dict[str, int]:
@@ -607,8 +600,8 @@ def write_outputs(rows: list[dict], rejected: list[dict], summary: dict, out_dir
     for name in stale:
         (out_dir / f"{name}.parquet").unlink(missing_ok=True)
     _write_jsonl(out_dir / "quarantine.jsonl", rejected)
-    _atomic_write(out_dir / "validation.json",
-                  lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
+    with atomic_path(out_dir / "validation.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return {**{s: len(r) for s, r in by_split.items()}, "quarantined": len(rejected)}
 
 
