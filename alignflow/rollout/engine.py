@@ -127,12 +127,14 @@ ENGINES = {"transformers": "alignflow.rollout.engine:TransformersEngine",
            "vllm": "alignflow.rollout.vllm_engine:VLLMEngine"}
 
 
-def make_engine(name: str, model, tokenizer, dtype: torch.dtype | None = None):
+def make_engine(name: str, model, tokenizer, dtype: torch.dtype | None = None, tolerance: float | None = None):
     """transformers (in-process generate), static (own decode loop: static KV cache, torch.compile and CUDA
-    graphs on GPU; `dtype`: its own copy of the weights in that dtype), vllm (its own environment and process)."""
+    graphs on GPU; `dtype`: its own copy of the weights in that dtype), vllm (its own environment and process).
+    `tolerance`: the sync check's absolute tolerance (None: the engine's default)."""
     import importlib
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; engines: {sorted(ENGINES)}")
     module, _, cls = ENGINES[name].partition(":")
     engine = getattr(importlib.import_module(module), cls)
-    return engine(model, tokenizer, dtype=dtype) if dtype is not None else engine(model, tokenizer)
+    options = {k: v for k, v in (("dtype", dtype), ("tolerance", tolerance)) if v is not None}
+    return engine(model, tokenizer, **options)

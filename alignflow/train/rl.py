@@ -94,11 +94,20 @@ def _precision(cfg: RLConfig, model) -> str:
     return "bf16" if cfg.precision == "bf16" and on_cuda else "fp32"
 
 
+# Largest |log-prob difference| a sync of the bf16 engine copy may show against the fp32 trainer on the probe and
+# its greedy continuation. Measured on an H100 at random weights (issue 18): 0.021 at the Qwen2.5-0.5B shape, 0.050
+# at 1.5B, so the engine's own bf16 default (5e-2) had no margin; trained models' larger logits round coarser in
+# bf16 (spacing 0.125 above 16). A sync that did not take is still caught below this: the engine must move with the
+# trainer (once it moved 4x the noise seen at earlier syncs, alignflow.rollout.sync), and the trainer's weights must
+# keep the fingerprint of the last sync.
+BF16_SYNC_TOLERANCE = 0.25
+
+
 def _engine(cfg: RLConfig, model, tokenizer, precision: str):
     """The rollout engine; the static engine keeps its own bf16 copy of the weights under bf16 (`sync` copies the
-    fp32 trainer's weights into it and verifies them at the bf16 tolerance, alignflow.rollout.sync)."""
+    fp32 trainer's weights into it and verifies them at BF16_SYNC_TOLERANCE, alignflow.rollout.sync)."""
     if cfg.engine == "static" and precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
-        return make_engine(cfg.engine, model, tokenizer, dtype=torch.bfloat16)
+        return make_engine(cfg.engine, model, tokenizer, dtype=torch.bfloat16, tolerance=BF16_SYNC_TOLERANCE)
     return make_engine(cfg.engine, model, tokenizer)
 
 
