@@ -249,7 +249,8 @@ def _resume(ckpt_dir: Path, run: str, model, optimizer, scheduler, data_gen: tor
     state = checkpoint.load_latest(ckpt_dir / "state", model, optimizer, scheduler)
     if not state:
         return 0
-    print(f"rl {run}: rank {distributed.rank()} resumes from step {state['step']} ({ckpt_dir})", flush=True)
+    # a warning, so it shows on every rank (a flow's log_prints turns print() into INFO logs, hidden by default)
+    log.warning("rl %s: rank %d resumes from step %d (%s)", run, distributed.rank(), state["step"], ckpt_dir)
     data_gen.set_state(state["extra"]["data_generator"])  # shared by all ranks: they split each step's draw
     if history is not None:
         history.load_state_dict(state["extra"]["reward_history"])

@@ -46,6 +46,7 @@ def test_two_rank_rl_killed_mid_way_resumes_both_ranks_from_the_same_step(smoke_
     root = tmp_path / "copy"
     shutil.copytree(smoke_project, root, symlinks=True, ignore=shutil.ignore_patterns(".prefect", "mlruns*"))
     shutil.rmtree(root / "models/smoke/rl")
+    (root / "metrics/smoke/rl.json").unlink()
     raw = yaml.safe_load((root / "pipelines.yaml").read_text())
     raw["pipelines"]["smoke"]["rl"].update(checkpoint_every=2, candidates=[
         {"name": "chord", "algorithm": "chord", "seeds": [0], "steps": 5, "checkpoints": [2, 5], "lr": 1e-3}])
