@@ -226,7 +226,7 @@ def test_post_training_through_the_api_runs_gpu_stages_in_the_gpu_pool(stack, ap
         assert run["state_type"] == "COMPLETED", (stage, run["state"])
         assert run["work_pool_name"] == ("gpu" if stage in GPU_STAGES else "cpu"), stage
     # each stage's own flow run (`alignflow stage <name>` inside `dvc repro`) reported to the same server
-    inner = api.post("flow_runs/filter", json={"flows": {"name": {"any_": STAGES}}, "limit": 200}).json()
+    inner = api.post("flow_runs/filter", json={"flows": {"name": {"any_": list(STAGES)}}, "limit": 200}).json()
     assert {f"{s}-smoke" for s in STAGES} <= {r["name"] for r in inner}
     # where a dispatched stage's time goes: the job's own table artifact says how long `dvc repro` took (the
     # part the embedded mode spends too); the rest of the dispatch task's wall time is the scaled mode's cost
