@@ -14,6 +14,12 @@ pipeline (curated splits, base and SFT models); the distillation teacher (opd, e
 the `teacher` stage does it when the pipeline did not need one. Results: bench/results/methods_<p>.json, the
 table between the `methods` markers of docs/results.md, and docs/img/methods_<p>.png. Partial results are
 kept in the JSON as runs finish, and a rerun skips the runs already there.
+
+Per run the JSON also keeps `mechanisms`: the mean over the run's steps of what the RL loop logs about each method's
+own mechanisms (clip fraction over generated tokens, OPMD's proximal gradient factor tau |s - s_old|, the KL, DAPO's
+dynamic sampling, POPE's guidance, CHORD's mu), which the docs table reports as a column. On a GPU box without
+scipy or matplotlib, run with --no-report (bench/compare_methods_device.sh) and write the docs later with
+--report-only where they are.
 """
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +45,16 @@ def teacher_dir(pipeline: str) -> Path:
 
 
 HARD_SIZES = {"n_train": 400, "n_eval": 200}
+# the order runs start in: most work per step first (dynamic sampling or guided re-rolls, frozen-model passes)
+COST_ORDER = ["dapo", "pope", "srppo", "opsd", "chord", "empg", "opd", "exopd", "dcpo", "grpo", "dr_grpo", "opmd",
+              "asymre"]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all (a run stopped mid-write keeps the previous file)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def splits_of(layout, split: str) -> tuple:
@@ -64,12 +82,36 @@ def scores(model, tok, held_out: dict) -> dict:
     return result
 
 
+# What the RL loop logs about each method's own mechanisms (alignflow/algorithms/): averaged over a run's steps
+MECHANISM_KEYS = ("optimizer_steps", "mini_batches", "clip_frac", "opmd/prox_grad", "opmd/drift_sq",
+                  "advantage_abs_mean", "kl", "tis_ratio_mean", "tis_ratio_max", "dcpo/upper_mean", "dapo/kept_groups",
+                  "dapo/refill_tries", "dapo/sampled_prompts", "chord/mu", "chord/sft_nll", "pope/guided_groups",
+                  "pope/still_failed_groups", "pope/unguided_failed_groups", "skipped_updates", "grad_norm")
+
+
+def mechanisms_of(logs: list[dict]) -> dict:
+    """Per run: the mean of each logged mechanism metric over its steps, and the clip fraction and OPMD's proximal
+    gradient factor per quarter of the run."""
+    out = {}
+    for key in MECHANISM_KEYS:
+        values = [m[key] for m in logs if key in m]
+        if values:
+            out[key] = sum(values) / len(values)
+    quarter = max(1, len(logs) // 4)
+    for key in ("clip_frac", "opmd/prox_grad"):
+        if any(key in m for m in logs):
+            out[f"{key}_by_quarter"] = [sum(m.get(key, 0.0) for m in logs[i:i + quarter]) / len(logs[i:i + quarter])
+                                        for i in range(0, len(logs), quarter)][:4]
+    return out
+
+
 def run_one(job: tuple) -> dict:
     pipeline, method, seed, steps, device, split = job
     import torch
 
     from alignflow import models
     from alignflow.config import CandidateConfig, load_pipeline
+    from alignflow.data.rows import TaskRows
     from alignflow.layout import Layout
     from alignflow.steps.train import candidate_inputs
     from alignflow.train import rl
@@ -79,22 +121,26 @@ def run_one(job: tuple) -> dict:
     prompts, held_out = splits_of(layout, split)
     cand = CandidateConfig(name=method, algorithm=method, seeds=[seed], steps=steps, checkpoints=[steps],
                            lr=cfg.rl.candidates[0].lr, warmup_steps=cfg.rl.candidates[0].warmup_steps)
-    from alignflow.data.rows import TaskRows
-    inputs = candidate_inputs(layout, device, cand, TaskRows.from_frame(prompts), teacher=teacher_dir(pipeline))
+    if "columns" not in prompts and "answer" in prompts:  # the hard split: answers as text, as the reward reads them
+        prompts = prompts.assign(answer=prompts["answer"].astype(str))
+    rows = TaskRows.from_frame(prompts)   # as the pipeline's RL stage passes them (alignflow/steps/train.py)
+    inputs = candidate_inputs(layout, device, cand, rows, teacher=teacher_dir(pipeline))
     model, tok = models.load(layout.sft, device)
     logs, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rl.train_candidate(model, tok, cand, seed, cfg.rl, prompts["prompt"].tolist(),
-                           prompts["answer"].astype(str).tolist(), Path(tmp), on_log=lambda s, m: logs.append(m),
+        rl.train_candidate(model, tok, cand, seed, cfg.rl, rows, None, Path(tmp), on_log=lambda s, m: logs.append(m),
                            **inputs)
+    trained = time.time()
     quarter = lambda key, part: sum(m[key] for m in part) / max(1, len(part))  # noqa: E731
     first, last = logs[: max(1, steps // 4)], logs[-max(1, steps // 4):]
     result = {"method": method, "seed": seed, "steps": steps, "split": split,
-              "seconds": round(time.time() - started, 1),
               "reward_first_quarter": quarter("reward", first), "reward_last_quarter": quarter("reward", last),
               "zero_reward_groups_first_quarter": quarter("zero_reward_groups", first),
-              "zero_reward_groups_last_quarter": quarter("zero_reward_groups", last)}
-    return result | scores(model, tok, held_out)
+              "zero_reward_groups_last_quarter": quarter("zero_reward_groups", last),
+              "mechanisms": mechanisms_of(logs)}
+    result |= scores(model, tok, held_out)
+    return result | {"train_seconds": round(trained - started, 1), "seconds": round(time.time() - started, 1),
+                     "step_seconds": round(sum(m["step_seconds"] for m in logs) / max(1, len(logs)), 4)}
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -122,6 +168,50 @@ def summarise(out: dict) -> list[dict]:
                 row[key] = mean_ci([r[key] for r in runs])
         rows.append(row)
     return rows
+
+
+# each method's mechanism that needs the new-to-old ratio to leave 1 (alignflow/algorithms/, docs/algorithms.md)
+RATIO_MECHANISM = {"grpo": "PPO clip 0.8–1.2", "dr_grpo": "PPO clip 0.8–1.2", "empg": "PPO clip 0.8–1.2",
+                   "chord": "PPO clip 0.8–1.2", "opsd": "PPO clip 0.8–1.2", "pope": "PPO clip 0.8–1.2",
+                   "opd": "PPO clip 0.8–1.2", "exopd": "PPO clip 0.8–1.2", "srppo": "PPO clip 0.8–1.2",
+                   "dapo": "clip-higher 0.8–1.28", "dcpo": "dynamic clip bounds from π_old",
+                   "opmd": "proximal term (τ/2)(s − s_old)²"}
+
+
+def mechanism_means(runs: list[dict]) -> dict:
+    """Over a method's runs: the mean of each per-run mean the runs logged (bench/compare_methods.py run_one)."""
+    keys = {k for r in runs for k, v in r.get("mechanisms", {}).items() if not isinstance(v, list)}
+    return {k: sum(r["mechanisms"][k] for r in runs if k in r.get("mechanisms", {}))
+            / sum(k in r.get("mechanisms", {}) for r in runs) for k in sorted(keys)}
+
+
+def mechanism_text(method: str, m: dict) -> str:
+    """Which of the method's mechanisms acted, in words, from the logged metrics' means."""
+    if not m:
+        return "–"
+    parts = []
+    ratio = RATIO_MECHANISM.get(method)
+    if method == "opmd":
+        g, a = m.get("opmd/prox_grad", 0.0), m.get("advantage_abs_mean", float("nan"))
+        parts.append(f"{ratio}: {'**active**' if g > 0 else 'inactive'}, gradient factor τ·abs(s − s_old) {g:.4f} "
+                     f"(the advantage term's abs(A): {a:.3f})")
+    elif ratio:
+        c = m.get("clip_frac", 0.0)
+        parts.append(f"{ratio}: {'**active**' if c > 0 else 'inactive'}, clip fraction {c:.4f}")
+    else:
+        parts.append("no ratio term (REINFORCE with the shifted baseline, TIS only)")
+    if method == "dcpo" and "dcpo/upper_mean" in m:
+        parts.append(f"mean upper bound {m['dcpo/upper_mean']:.3f}")
+    if method == "dapo" and "dapo/refill_tries" in m:
+        parts.append(f"dynamic sampling: {m.get('dapo/kept_groups', 0):.1f} mixed-reward groups kept per step, "
+                     f"{m['dapo/refill_tries']:.2f} refills, {m.get('dapo/sampled_prompts', 0):.1f} prompts sampled")
+    if method == "srppo" and "kl" in m:
+        parts.append(f"KL to SFT {m['kl']:.4f}")
+    if method == "chord" and "chord/mu" in m:
+        parts.append(f"SFT term, mean μ {m['chord/mu']:.3f}")
+    if method == "pope" and "pope/guided_groups" in m:
+        parts.append(f"guidance: {m['pope/guided_groups']:.2f} guided groups per step")
+    return "; ".join(parts)
 
 
 def write_hard_docs(out: dict, pipeline: str) -> None:
@@ -163,10 +253,14 @@ def write_docs(out: dict, pipeline: str) -> None:
     lines = [f"Command: `{out['command']}` ({out['device']}; {out['steps']} RL steps per run from the `{pipeline}` "
              f"SFT model; mean ± half-width of the 95% t-interval over seeds {out['seeds']}; raw: "
              f"`bench/results/methods_{pipeline}.json`).", "",
-             "| method | runs | greedy eval | vs SFT | greedy OOD | steps consistent (eval) |", "|---|---|---|---|---|---|"]
+             "| method | runs | greedy eval | vs SFT | greedy OOD | steps consistent (eval) | optimizer steps per "
+             "rollout | mechanisms (mean over runs of the per-step logs) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        m = mechanism_means([x for x in out["runs"] if x["method"] == r["method"]])
+        per_rollout = f"{m['optimizer_steps']:.0f}" if "optimizer_steps" in m else "–"
         lines.append(f"| {r['method']} | {r['n']} | {fmt(r['eval_accuracy'])} | {r['eval_accuracy'][0] - sft:+.3f} | "
-                     f"{fmt(r['ood_accuracy'])} | {fmt(r['eval_steps_consistent'])} |")
+                     f"{fmt(r['ood_accuracy'])} | {fmt(r['eval_steps_consistent'])} | {per_rollout} | "
+                     f"{mechanism_text(r['method'], m)} |")
     replace_block("methods", "\n".join(lines) + f"\n\n![methods](img/methods_{pipeline}.png)", "Every method, same start")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [r["method"] for r in rows]
@@ -195,6 +289,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs table and plot from the JSON")
     parser.add_argument("--split", default="standard", choices=["standard", "hard"])
+    parser.add_argument("--no-report", action="store_true", help="only the JSON (no docs table, plot or summary)")
     args = parser.parse_args()
     suffix = "_hard" if args.split == "hard" else ""
     out_path = Path(args.out or ROOT / f"bench/results/methods_{args.pipeline}{suffix}.json")
@@ -208,26 +303,51 @@ def main() -> int:
     from alignflow.steps.train import train_teacher
     cfg, layout = load_pipeline(args.pipeline, ROOT / "pipelines.yaml"), Layout(ROOT, args.pipeline)
     out = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
-    out.update(steps=args.steps, seeds=args.seeds, split=args.split, device=torch.cuda.get_device_name(0) if args.device == "cuda"
-               else f"{torch.get_num_threads()}-thread CPU", command="python bench/compare_methods.py " + " ".join(sys.argv[1:]))
-    if not any(r["method"] == "sft" for r in out["runs"]):
-        from alignflow import models
-        model, tok = models.load(layout.sft, args.device)
-        out["runs"].append({"method": "sft", "seed": 0} | scores(model, tok, splits_of(layout, args.split)[1]))
-    needs_teacher = any("teacher" in ALGORITHMS[m].inputs() for m in args.methods)
-    if needs_teacher and not (teacher_dir(args.pipeline) / "config.json").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            train_teacher(layout, cfg.model_copy(update={"device": args.device}), teacher_dir(args.pipeline),
-                          Path(tmp), on_log=lambda s, m: None)
+    device = (f"{torch.cuda.get_device_name(0)}, {args.workers} processes sharing it"
+              + (" through MPS" if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else "") if args.device == "cuda"
+              else f"CPU, {args.workers} process{'es' if args.workers > 1 else ''} of one torch thread each")
+    out.update(steps=args.steps, seeds=args.seeds, split=args.split, device=device,
+               command="python bench/compare_methods.py " + " ".join(sys.argv[1:]))
+    torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     done = {(r["method"], r["seed"]) for r in out["runs"] if r.get("steps") == args.steps}
-    jobs = [(args.pipeline, m, s, args.steps, args.device, args.split) for s in args.seeds for m in args.methods
+    # costliest first (extra rollouts or frozen-model passes per step), so the last wave is short; the methods
+    # that need the distillation teacher start once it is trained, which the main process does meanwhile
+    order = sorted(args.methods, key=lambda m: COST_ORDER.index(m) if m in COST_ORDER else len(COST_ORDER))
+    jobs = [(args.pipeline, m, s, args.steps, args.device, args.split) for m in order for s in args.seeds
             if (m, s) not in done]
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for result in pool.imap_unordered(run_one, jobs):
+    later = [j for j in jobs if "teacher" in ALGORITHMS[j[1]].inputs()]
+    first = [j for j in jobs if j not in later]
+    lock = threading.Lock()
+
+    def finished(result: dict) -> None:
+        with lock:
             out["runs"].append(result)
-            out_path.write_text(json.dumps(out, indent=2))
+            write_json(out_path, out)
             print(json.dumps({k: v for k, v in result.items() if not k.endswith("steps_consistent")}), flush=True)
-    out_path.write_text(json.dumps(out, indent=2))
+
+    failed = lambda e: print(f"run failed: {e!r}", flush=True)  # noqa: E731
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        pending = [pool.apply_async(run_one, (j,), callback=finished, error_callback=failed)
+                   for j in first[:args.workers]]
+        if later and not (teacher_dir(args.pipeline) / "config.json").exists():
+            started = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                train_teacher(layout, cfg.model_copy(update={"device": args.device}), teacher_dir(args.pipeline),
+                              Path(tmp), on_log=lambda s, m: None)
+            print(f"teacher trained in {time.time() - started:.0f} s", flush=True)
+        if not any(r["method"] == "sft" for r in out["runs"]):
+            from alignflow import models
+            model, tok = models.load(layout.sft, args.device)
+            sft = {"method": "sft", "seed": 0} | scores(model, tok, splits_of(layout, args.split)[1])
+            with lock:
+                out["runs"].insert(0, sft)
+        pending += [pool.apply_async(run_one, (j,), callback=finished, error_callback=failed)
+                    for j in later + first[args.workers:]]   # queued behind the first wave
+        for p in pending:
+            p.wait()
+    write_json(out_path, out)
+    if args.no_report:   # e.g. on a GPU box without scipy/matplotlib: rewrite the docs later with --report-only
+        return 0
     write_docs(out, args.pipeline)
     for r in summarise(out):
         print(r)
