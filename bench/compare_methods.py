@@ -32,10 +32,13 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from stats import mean_ci  # noqa: E402  (95% t-interval without scipy: the GPU boxes have none)
 
 
 def teacher_dir(pipeline: str) -> Path:
@@ -70,7 +73,9 @@ def splits_of(layout, split: str) -> tuple:
     return pd.DataFrame(hard["train"]), {"hard": pd.DataFrame(hard["eval"])}
 
 
-def scores(model, tok, held_out: dict) -> dict:
+def scores(model, tok, held_out: dict, per_prompt: bool = False) -> dict:
+    """Greedy accuracy and steps-consistent share per held-out split (per_prompt: also each prompt's 0/1
+    accuracy as a string, `<split>_correct`)."""
     from alignflow.data.rows import TaskRows
     from alignflow.evaluation import score
     from alignflow.rewards import RewardSet, accuracy_reward, steps_consistent
@@ -79,6 +84,8 @@ def scores(model, tok, held_out: dict) -> dict:
         s = score(model, tok, TaskRows.from_frame(rows), reward, metrics=steps)
         result[f"{name}_accuracy"] = s["value"]
         result[f"{name}_steps_consistent"] = sum(s["per_function"]["steps_consistent"]) / max(1, len(s["texts"]))
+        if per_prompt:
+            result[f"{name}_correct"] = "".join("1" if r > 0 else "0" for r in s["rewards"])
     return result
 
 
@@ -105,8 +112,31 @@ def mechanisms_of(logs: list[dict]) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One (method, seed) run from the pipeline's SFT model. The first six fields are compare_methods' job tuple;
+    the rest are the claims benchmark's variations of a method (bench/claims.py)."""
+    pipeline: str
+    method: str                     # the run's name in the results
+    seed: int
+    steps: int
+    device: str = "cpu"
+    split: str = "standard"
+    algorithm: str | None = None    # the registered preset (default: method)
+    hparams: tuple = ()             # (name, value) pairs of the preset's hparams
+    teacher: str | None = None      # distillation teacher directory (default: teacher_dir(pipeline))
+    ref: str | None = None          # reference model directory (default: the SFT model)
+    rl: tuple = ()                  # (key, value) overrides of the pipeline's rl settings, e.g. prompts_per_step
+    grad_mask: str | None = None    # a changed set (bench/subnetwork.py): train only those elements
+    save_mask: str | None = None    # write this run's changed set here
+    per_prompt: bool = False        # keep each held-out prompt's correctness (paired bootstrap)
+
+
 def run_one(job: tuple) -> dict:
-    pipeline, method, seed, steps, device, split = job
+    return run_spec(RunSpec(*job))
+
+
+def run_spec(spec: RunSpec) -> dict:
     import torch
 
     from alignflow import models
@@ -116,42 +146,46 @@ def run_one(job: tuple) -> dict:
     from alignflow.steps.train import candidate_inputs
     from alignflow.train import rl
     torch.set_num_threads(1)
-    cfg = load_pipeline(pipeline, ROOT / "pipelines.yaml")
-    layout = Layout(ROOT, pipeline)
-    prompts, held_out = splits_of(layout, split)
-    cand = CandidateConfig(name=method, algorithm=method, seeds=[seed], steps=steps, checkpoints=[steps],
-                           lr=cfg.rl.candidates[0].lr, warmup_steps=cfg.rl.candidates[0].warmup_steps)
+    cfg = load_pipeline(spec.pipeline, ROOT / "pipelines.yaml")
+    rl_cfg = cfg.rl.model_copy(update=dict(spec.rl)) if spec.rl else cfg.rl
+    layout, steps = Layout(ROOT, spec.pipeline), spec.steps
+    prompts, held_out = splits_of(layout, spec.split)
+    cand = CandidateConfig(name=spec.method, algorithm=spec.algorithm or spec.method, seeds=[spec.seed], steps=steps,
+                           checkpoints=[steps], lr=cfg.rl.candidates[0].lr, hparams=dict(spec.hparams),
+                           warmup_steps=cfg.rl.candidates[0].warmup_steps)
     if "columns" not in prompts and "answer" in prompts:  # the hard split: answers as text, as the reward reads them
         prompts = prompts.assign(answer=prompts["answer"].astype(str))
     rows = TaskRows.from_frame(prompts)   # as the pipeline's RL stage passes them (alignflow/steps/train.py)
-    inputs = candidate_inputs(layout, device, cand, rows, teacher=teacher_dir(pipeline))
-    model, tok = models.load(layout.sft, device)
+    inputs = candidate_inputs(layout, spec.device, cand, rows, teacher=Path(spec.teacher or teacher_dir(spec.pipeline)),
+                              ref=Path(spec.ref) if spec.ref else None)
+    model, tok = models.load(layout.sft, spec.device)
+    extra = {}
+    if spec.grad_mask or spec.save_mask:
+        import subnetwork
+        start = subnetwork.snapshot(model)
+        if spec.grad_mask:
+            kept = subnetwork.apply_grad_mask(model, subnetwork.load_mask(spec.grad_mask))
+            extra["trained_share"] = kept / sum(p.numel() for p in model.parameters())
     logs, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rl.train_candidate(model, tok, cand, seed, cfg.rl, rows, None, Path(tmp), on_log=lambda s, m: logs.append(m),
-                           **inputs)
+        rl.train_candidate(model, tok, cand, spec.seed, rl_cfg, rows, None, Path(tmp),
+                           on_log=lambda s, m: logs.append(m), **inputs)
     trained = time.time()
+    if spec.grad_mask or spec.save_mask:
+        extra["sparsity"], packed = subnetwork.changed(start, model)
+        if spec.save_mask:
+            subnetwork.save_mask(spec.save_mask, packed)
+        del start
     quarter = lambda key, part: sum(m[key] for m in part) / max(1, len(part))  # noqa: E731
     first, last = logs[: max(1, steps // 4)], logs[-max(1, steps // 4):]
-    result = {"method": method, "seed": seed, "steps": steps, "split": split,
+    result = {"method": spec.method, "seed": spec.seed, "steps": steps, "split": spec.split,
               "reward_first_quarter": quarter("reward", first), "reward_last_quarter": quarter("reward", last),
               "zero_reward_groups_first_quarter": quarter("zero_reward_groups", first),
               "zero_reward_groups_last_quarter": quarter("zero_reward_groups", last),
-              "mechanisms": mechanisms_of(logs)}
-    result |= scores(model, tok, held_out)
+              "mechanisms": mechanisms_of(logs)} | extra
+    result |= scores(model, tok, held_out, per_prompt=spec.per_prompt)
     return result | {"train_seconds": round(trained - started, 1), "seconds": round(time.time() - started, 1),
                      "step_seconds": round(sum(m["step_seconds"] for m in logs) / max(1, len(logs)), 4)}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval."""
-    from scipy import stats
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 SUMMARY_KEYS = {"standard": ("eval_accuracy", "ood_accuracy", "eval_steps_consistent"),

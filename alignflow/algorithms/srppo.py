@@ -9,7 +9,11 @@ optimised with PPO-clip and a KL penalty beta * KL(pi || pi_SFT) (k3 estimator, 
 Departures: the paper runs PPO with a value model (GAE) on this reward given at EOS; we use a group baseline
 instead, A_i = (r_i - mean_group r) / (std_group r + eps) (GRPO-style, no critic). Length normalisation is off by
 default (the paper's reward is the sequence log-ratio); beta = 0.04 is our choice (DeepSeekMath's GRPO value),
-the paper's coefficient is not confirmed. The verifier's reward is still computed by the loop, as a metric only.
+the paper's coefficient is not confirmed. The verifier's reward is still computed by the loop, as a metric only,
+unless verifier_weight > 0 (not in the paper: a variant with labels, for comparison): then the advantage adds
+verifier_weight x the group-standardised verifier reward to the group-standardised implicit reward (each
+standardised on its own, so neither scale drowns the other). verifier_weight = 0 is the paper's demonstrations-only
+method.
 """
 import torch
 
@@ -28,10 +32,16 @@ def implicit_reward(batch: RolloutBatch, hp: dict) -> torch.Tensor:
 
 @ADVANTAGES.register("implicit_reward_group")
 def implicit_reward_advantage(batch: RolloutBatch, hp: dict) -> torch.Tensor:
-    """Group-standardised implicit reward, the same for every token. -> [B, T]"""
+    """Group-standardised implicit reward (+ verifier_weight x the group-standardised verifier reward), the same for
+    every token. -> [B, T]"""
     reward = implicit_reward(batch, hp)
     mean, std = group_stats(reward, batch.group_ids)
-    return per_token(standardise(reward, mean, std, hp["adv_eps"]), batch)
+    adv = standardise(reward, mean, std, hp["adv_eps"])
+    if hp.get("verifier_weight", 0.0):
+        verifier = batch.rewards.to(reward.device, reward.dtype)
+        v_mean, v_std = group_stats(verifier, batch.group_ids)
+        adv = adv + hp["verifier_weight"] * standardise(verifier, v_mean, v_std, hp["adv_eps"])
+    return per_token(adv, batch)
 
 
 SRPPO = register_algorithm(Algorithm(
@@ -39,4 +49,5 @@ SRPPO = register_algorithm(Algorithm(
     advantage="implicit_reward_group", policy_loss="clipped_ratio", loss_agg="seq_mean_token_mean",
     needs=("ref", "base"), paper="arXiv:2510.21090",
     mini_batches=4,  # PPO as verl runs it by default (train batch 1024 / mini-batch 256); the paper's unconfirmed
-    defaults={"clip_eps": 0.2, "beta": 0.04, "adv_eps": 1e-4, "tis_cap": 2.0, "length_normalise": 0.0}))
+    defaults={"clip_eps": 0.2, "beta": 0.04, "adv_eps": 1e-4, "tis_cap": 2.0, "length_normalise": 0.0,
+              "verifier_weight": 0.0}))

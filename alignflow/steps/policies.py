@@ -135,6 +135,11 @@ def true_values(policy_dir: Path, splits: dict[str, TaskRows], reward, metrics, 
     return out, sampled["rewards"]
 
 
+def changed_mask(reference: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Elements whose bf16 value differs from the reference's (changes below bf16 rounding do not count)."""
+    return reference.to(torch.bfloat16) != new.to(torch.bfloat16)
+
+
 @torch.no_grad()
 def changed_share(reference_dir: Path, policy_dir: Path) -> float:
     """Share of parameter elements whose bf16 value differs from the reference's: how much of the model an update
@@ -146,6 +151,6 @@ def changed_share(reference_dir: Path, policy_dir: Path) -> float:
         with safe_open(ref_file, "pt") as ref, safe_open(Path(policy_dir) / ref_file.name, "pt") as new:
             for name in ref.keys():
                 a, b = ref.get_tensor(name), new.get_tensor(name)
-                changed += int((a.to(torch.bfloat16) != b.to(torch.bfloat16)).sum())
+                changed += int(changed_mask(a, b).sum())
                 total += a.numel()
     return changed / total if total else 0.0
