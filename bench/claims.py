@@ -34,6 +34,7 @@ import json
 import multiprocessing as mp
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -453,8 +454,9 @@ def plot(merged: dict) -> None:
                 ax.set_xticks(range(len(keys)), [f"{k[0]}\n{k[1].replace('_accuracy', '')}" for k in keys],
                               rotation=60, ha="right", fontsize=7)
                 ax.set_ylabel("greedy accuracy")
+                ax.set_ylim(0, 1)
             ax.set_title(f"{c['pipeline']}: {c['verdict']} ({len(c['seeds'])} seeds, {c['steps']} steps)", fontsize=9)
-        fig.suptitle(cs[0]["title"], fontsize=9)
+        fig.suptitle("\n".join(textwrap.wrap(cs[0]["title"], 60 * len(cs))), fontsize=9)
         fig.tight_layout()
         fig.savefig(ROOT / f"docs/img/claims_{cid}.png", dpi=100)
         plt.close(fig)
@@ -479,13 +481,15 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="changed-set files (default checkpoints/<pipeline>/claims)")
     parser.add_argument("--no-report", action="store_true", help="claims JSON only (no docs table or plots)")
     parser.add_argument("--report-only", action="store_true",
-                        help="claims.json, the docs table and plots from every bench/results/claims_*_runs.json")
+                        help="claims.json, the docs table and plots from every bench/results/claims_*_runs.json "
+                             "(or --out)")
     args = parser.parse_args()
     args.rl_overrides = {"prompts_per_step": args.prompts_per_step} if args.prompts_per_step else {}
     claims_path = Path(args.claims_out)
     if args.report_only:
         merged = {}
-        for runs_file in sorted((ROOT / "bench/results").glob("claims_*_runs.json")):
+        files = [Path(args.out)] if args.out else sorted((ROOT / "bench/results").glob("claims_*_runs.json"))
+        for runs_file in files:
             out = json.loads(runs_file.read_text())
             merged = merge_claims(claims_path, out["pipeline"], analyse(out))
         write_docs(merged)
