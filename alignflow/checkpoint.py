@@ -1,9 +1,11 @@
 """Resumable training state, written atomically where DVC does not delete it before a stage re-runs.
 
-Layout: <dir>/step-<N>/{model.safetensors, state.pt}; <dir>/latest names the newest complete one. A
-checkpoint is written to a temporary folder and renamed into place, then `latest` is replaced
-atomically, so a kill at any moment leaves the previous checkpoint usable. Loading uses safetensors for
-weights and `torch.load(weights_only=True)` for the rest: no pickle of arbitrary objects.
+Layout: <dir>/step-<N>/{model.safetensors, state.pt}; <dir>/latest names the newest complete one. Under FSDP
+model.safetensors is replaced by sharded/, every rank's shards of the model and optimizer in
+torch.distributed.checkpoint's format. A checkpoint is written to a temporary folder and renamed into place, then
+`latest` is replaced atomically, so a kill at any moment leaves the previous checkpoint usable. Loading uses
+safetensors for weights and `torch.load(weights_only=True)` for the rest: no pickle of arbitrary objects (except
+torch.distributed.checkpoint's own .metadata file in a sharded checkpoint, which it unpickles itself).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from alignflow.train import distributed, sharding
 
 
 def _rng_state() -> dict:
@@ -31,15 +35,28 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler=None, extra: dict | None = None, keep: int = 2) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Under torchrun every rank calls this: rank 0 alone writes a replicated model (DDP); a sharded one (FSDP) is
+    written by every rank, its shards of the model and optimizer through torch.distributed.checkpoint into
+    step-N/sharded/, before rank 0 renames the folder into place."""
+    sharded = sharding.is_sharded(model)
     final = ckpt_dir / f"step-{step:07d}"
+    if not sharded and not distributed.is_main():
+        return final
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # save_model drops the duplicate names of shared tensors (tied embeddings: lm_head.weight is embed_tokens.weight;
-    # save_file would refuse them with "tensors share memory"); load_model restores them into the same object
-    save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+    if distributed.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if sharded:
+        distributed.barrier()  # the folder is empty before any rank writes its shards
+        sharding.save_state(tmp / "sharded", model, optimizer)   # returns once every rank's shards are written
+        if not distributed.is_main():
+            return final
+    else:
+        # save_model drops the duplicate names of shared tensors (tied embeddings: lm_head.weight is
+        # embed_tokens.weight; save_file would refuse them with "tensors share memory"); load_model restores them
+        save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
+    torch.save({"step": step, "optimizer": None if sharded else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": _rng_state(), "extra": extra or {}}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -53,14 +70,18 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler=None, extra: dic
 
 
 def load_latest(ckpt_dir: Path, model, optimizer, scheduler=None) -> dict | None:
-    """Restore the newest complete checkpoint into the given objects; returns its state (step, extra) or None."""
+    """Restore the newest complete checkpoint into the given objects; returns its state (step, extra) or None.
+    A sharded checkpoint loads into a sharded model (every rank reads its shards; every rank must call this)."""
     pointer = ckpt_dir / "latest"
     if not pointer.exists():
         return None
     path = ckpt_dir / pointer.read_text().strip()
-    load_model(model, str(path / "model.safetensors"), strict=True)
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if (path / "sharded").exists():
+        sharding.load_state(path / "sharded", model, optimizer)
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

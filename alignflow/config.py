@@ -109,6 +109,17 @@ class LoraSettings(Strict):
         min_length=1)
 
 
+class ParallelConfig(Strict):
+    """How a stage trains on several ranks (under torchrun; one process ignores it). docs/scaling.md §6."""
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "ddp: every rank holds the whole model and optimizer state, gradients all-reduced; fsdp: FSDP2 "
+        "(torch fully_shard per decoder layer) shards parameters, gradients and optimizer state over the ranks, "
+        "bf16 compute with fp32 gradient reduction under precision bf16 on CUDA, sharded resume checkpoints"))
+    activation_checkpointing: bool = Field(False, description=(
+        "recompute each decoder layer's activations in the backward instead of keeping them (less memory, "
+        "about one more forward of compute)"))
+
+
 class SFTConfig(Strict):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -118,6 +129,7 @@ class SFTConfig(Strict):
         0.5, description="stop once the greedy validation score (the pipeline's reward) reaches this (null: run all steps)")
     checkpoint_every: int = Field(50, ge=1)
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 
 class TeacherConfig(Strict):
@@ -202,6 +214,7 @@ class RLConfig(Strict):
     precision: Literal["fp32", "bf16"] | None = Field(None, description=(
         "null: the pipeline's precision. bf16 on CUDA: the update under bf16 autocast (fp32 master weights) and "
         "the static engine's weights in bf16"))
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 
 # ---------------------------------------------------------------- logged / ope / evaluate
@@ -291,6 +304,14 @@ class PipelineConfig(Strict):
                 ALGORITHMS[cand.algorithm].hparams(cand.hparams)
             except ValueError as err:
                 raise ValueError(f"rl.candidates.{i}.hparams: {err}") from None
+        for stage in ("sft", "rl"):
+            stage_cfg = getattr(self, stage)
+            if stage_cfg.parallel.strategy == "fsdp" and stage_cfg.lora is not None:
+                raise ValueError(f"{stage}.parallel.strategy: fsdp does not combine with {stage}.lora (LoRA's "
+                                 "frozen base is small enough to replicate); allowed with lora: ddp")
+        if self.rl.parallel.strategy == "fsdp" and self.rl.engine == "vllm":
+            raise ValueError("rl.parallel.strategy: fsdp does not combine with rl.engine vllm yet (its weights "
+                             "travel as a save_pretrained folder); allowed with fsdp: engine transformers or static")
         names = [c.name for c in self.rl.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"rl.candidates: names must be unique, got {names}")

@@ -259,15 +259,20 @@ def autocast(device: str, precision: str):
 
 def save(model, tokenizer, path: str | Path) -> None:
     """save_pretrained into a temporary sibling, then rename: a half-written model is never seen. A LoRA model is
-    saved merged (a plain transformers checkpoint)."""
+    saved merged (a plain transformers checkpoint). Under torchrun rank 0 writes; a sharded model (FSDP) is first
+    gathered whole to it, so every rank calls this and the next stage loads the same layout as from one process."""
     from alignflow import lora
+    from alignflow.train import distributed, sharding
+    state_dict = sharding.full_state_dict(model) if sharding.is_sharded(model) else None   # a collective
+    if not distributed.is_main():
+        return
     model = lora.merged(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if path.exists():
         import shutil

@@ -166,7 +166,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               external=True, checkpointed=True),
     StageSpec("sft", "alignflow.steps.train:run_sft", inputs=("curated", "base"), outs=("sft",),
               params=("seed", "rewards", "sft"), curve="sft_curve", plots={"sft_curve": {**_STEP, "y": "val_score"}},
-              external=True, pool="gpu", checkpointed=True),
+              external=True, pool="gpu", multi_rank=True, checkpointed=True),
     StageSpec("teacher", "alignflow.steps.train:run_teacher", inputs=("curated", "base"), outs=("teacher",),
               params=("seed", "teacher", "rl.candidates"), curve="teacher_curve",
               plots={"teacher_curve": {**_STEP, "y": "loss"}}, external=True, pool="gpu", checkpointed=True),

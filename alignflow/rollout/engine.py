@@ -41,7 +41,12 @@ class Completions:
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
                    temperature: float = 1.0, return_entropy: bool = False):
     """Log-prob of each of the last `completion_len` tokens given everything before it. -> [B, T]
-    Only the completion positions' logits are materialised (never the full [B, L, vocab] in fp32)."""
+    Only the completion positions' logits are materialised (never the full [B, L, vocab] in fp32).
+    A sharded trainer (FSDP) is passed as the module at its root, whose forward is this computation (rl._Scorer):
+    only a call through it runs FSDP's hooks that gather its weights."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        return model(input_ids, attention_mask, completion_len, temperature, return_entropy)
     from alignflow.lora import backbone
     model = backbone(model)  # under peft, the adapters sit inside the backbone's layers
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -55,7 +60,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 class TransformersEngine:
-    """transformers `generate` on the trainer's own model object (so a sync is a no-op, but still verified)."""
+    """transformers `generate` on the trainer's own model object (so a sync is a no-op, but still verified), or on
+    a copy of its weights that every sync refreshes (FSDP: this rank's full copy of the sharded trainer)."""
 
     name = "transformers"
     shares_trainer_weights = True  # samples from the trainer's own model object: its log-probs are the trainer's
@@ -106,9 +112,12 @@ class TransformersEngine:
         return F.log_softmax(logits, -1).gather(-1, self.probe[:, 1:, None]).squeeze(-1)
 
     def sync(self, trainer_model) -> float:
-        """Nothing to load (the engine samples from the trainer's own object); verify that it does: its probe
-        log-probs match the trainer's and moved with them since the last sync (alignflow.rollout.sync).
-        Returns max |diff|."""
+        """Nothing to load when the engine samples from the trainer's own object, else its weights copied in
+        (gathered from a sharded trainer); then verified: the engine's probe log-probs match the trainer's and moved
+        with them since the last sync (alignflow.rollout.sync). Returns max |diff|."""
+        from alignflow.rollout.sync import load_weights
+        if trainer_model is not self.model:
+            load_weights(self.model, trainer_model)
         with torch.no_grad():
             mask = torch.ones_like(self.probe)
             expected = token_logprobs(trainer_model, self.probe, mask, self.probe.shape[1] - 1)

@@ -398,10 +398,10 @@ class StaticCacheEngine:
         """Copy the trainer's weights in (in place: CUDA graphs keep their pointers), then verify them against the
         trainer (alignflow.rollout.sync): the probe through the engine's eager path, and a greedy continuation
         of it through the decode path that samples. Returns max |diff|."""
-        from alignflow import lora
+        from alignflow.rollout.sync import load_weights
         with torch.no_grad():
             if trainer_model is not self.model:
-                self.model.load_state_dict(lora.merged(trainer_model).state_dict())
+                load_weights(self.model, trainer_model)   # merged if LoRA, gathered if sharded (FSDP)
             if self.fuse_weights:
                 self._refresh_fused(force=True)
             trainer_device = next(trainer_model.parameters()).device

@@ -21,11 +21,36 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP: DTensor) tensor; the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def weights_fingerprint(model) -> torch.Tensor:
-    """Per parameter (sum, sum of squares) in float64: a cheap hash that any changed weight changes. -> [n, 2]"""
+    """Per parameter (sum, sum of squares) in float64: a cheap hash that any changed weight changes; of this rank's
+    shards when the trainer is sharded (FSDP). -> [n, 2]"""
     with torch.no_grad():
         return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                            for p in model.parameters()]).cpu()
+                            for p in map(_local, model.parameters())]).cpu()
+
+
+def load_weights(engine_model, trainer_model) -> None:
+    """The trainer's full weights into an engine's own copy, in the copy's dtypes. A LoRA trainer is merged first;
+    a sharded trainer (FSDP: the module at its root, or rl._Scorer whose `policy` is the causal LM) is gathered one
+    tensor at a time, cast to the copy's dtype before the all-gather (a 7B policy's bf16 weights: no rank holds
+    more than one full fp32 tensor beyond its shards). Every rank must call it for a sharded trainer; a rank that
+    keeps no copy passes `engine_model=None`."""
+    from torch.distributed.tensor import DTensor
+    from alignflow import lora
+    trainer = lora.merged(getattr(trainer_model, "policy", trainer_model))
+    target = engine_model.state_dict() if engine_model is not None else {}
+    with torch.no_grad():
+        for name, value in trainer.state_dict().items():
+            if isinstance(value, DTensor):
+                value = value.to(target[name].dtype if engine_model is not None else value.dtype).full_tensor()
+            if engine_model is not None:
+                target[name].copy_(value)
 
 
 class SyncRecord:

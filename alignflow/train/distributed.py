@@ -7,6 +7,7 @@ the whole policy and its own in-process rollout engine; a step's prompts are dra
 that all ranks share and split between them, so N ranks see the same global batch a single process would.
 DDP averages the gradients, so every rank applies the same update and the weights stay identical; the loop
 verifies that with a probe after every step (`check_in_sync`). Rank 0 alone logs, checkpoints and publishes.
+With `parallel.strategy: fsdp` the ranks shard the policy instead of replicating it (alignflow/train/sharding.py).
 Without torchrun's environment (WORLD_SIZE unset) everything here is a no-op and the loop runs as one process.
 """
 from __future__ import annotations
@@ -107,12 +108,34 @@ def max_across_ranks(value: int) -> int:
     return int(t.item())
 
 
-def wrap(module: torch.nn.Module) -> torch.nn.Module:
-    """DDP around `module` when running under torchrun (broadcasts rank 0's weights, then all-reduces grads)."""
+def wrap(module: torch.nn.Module, parallel=None, bf16: bool = False) -> torch.nn.Module:
+    """`module` as the ranks train it (`parallel`: a config.ParallelConfig; None = DDP): DDP around it (broadcasts
+    rank 0's weights, then all-reduces grads), or sharded in place by FSDP2 (alignflow.train.sharding; `bf16`: bf16
+    compute, fp32 gradient reduction). Activation checkpointing, when asked, applies in one process too."""
+    from alignflow.train import sharding
+    if parallel is not None and parallel.activation_checkpointing:
+        sharding.checkpoint_activations(module)
     if not dist.is_initialized():
         return module
+    if shards(parallel):
+        return sharding.shard(module, bf16)
     device = next(module.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def shards(parallel) -> bool:
+    """Whether `wrap` shards (FSDP across ranks) rather than replicates."""
+    return dist.is_initialized() and parallel is not None and parallel.strategy == "fsdp"
+
+
+def on_main(compute):
+    """`compute()` run on rank 0 alone, its result returned on every rank (e.g. a validation every rank's stop
+    decision depends on)."""
+    if not dist.is_initialized():
+        return compute()
+    out = [compute() if is_main() else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
 
 
 def check_in_sync(probe_logprobs, tolerance: float = 1e-4) -> float:

@@ -6,9 +6,13 @@ computes into the RolloutBatch (reference / base / teacher log-probs, privileged
 reasoning steps, per-prompt reward history, expert rows: see alignflow.algorithms.NEEDS).
 Resumable: training state is checkpointed every `checkpoint_every` steps into `ckpt_dir` (outside DVC's
 outs), and the candidate snapshots are kept there too until the stage copies them into its outs.
+Under torchrun the ranks replicate the policy (DDP) or shard it (`rl.parallel.strategy: fsdp`, FSDP2): then each
+rank's engine samples from its own full copy of the weights, gathered from the shards by every sync and verified
+like any sync; the snapshots are gathered to rank 0 whole, and resume state is written in shards by every rank.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -75,17 +79,19 @@ def _rollout_batch(engine, tokenizer, rows: TaskRows, cfg: RLConfig, reward: Rew
 
 
 class _Scorer(torch.nn.Module):
-    """The policy's token log-probs as a module's forward, so DDP (under torchrun) can hook the backward. The
-    lm_head runs in chunks of tokens (alignflow.train.logprobs), under bf16 autocast when `precision` is bf16 on
-    CUDA (fp32 master weights, as the SFT stage trains)."""
+    """The policy's token log-probs as a module's forward, so DDP (under torchrun) can hook the backward, and FSDP
+    has a root whose forward gathers the weights (every forward of a sharded trainer goes through it:
+    alignflow.rollout.token_logprobs). The lm_head runs in chunks of tokens (alignflow.train.logprobs), under bf16
+    autocast when `precision` is bf16 on CUDA (fp32 master weights, as the SFT stage trains); FSDP computes in bf16
+    through its own mixed-precision policy instead."""
 
     def __init__(self, policy, precision: str = "fp32"):
         super().__init__()
         self.policy, self.precision = policy, precision
 
-    def forward(self, input_ids, attention_mask, completion_len: int, temperature: float):
+    def forward(self, input_ids, attention_mask, completion_len: int, temperature: float, return_entropy: bool = False):
         with autocast(input_ids.device.type, self.precision):
-            return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature)
+            return token_logprobs(self.policy, input_ids, attention_mask, completion_len, temperature, return_entropy)
 
 
 def _precision(cfg: RLConfig, model) -> str:
@@ -103,9 +109,13 @@ def _precision(cfg: RLConfig, model) -> str:
 BF16_SYNC_TOLERANCE = 0.25
 
 
-def _engine(cfg: RLConfig, model, tokenizer, precision: str):
+def _engine(cfg: RLConfig, model, tokenizer, precision: str, replica=None):
     """The rollout engine; the static engine keeps its own bf16 copy of the weights under bf16 (`sync` copies the
-    fp32 trainer's weights into it and verifies them at BF16_SYNC_TOLERANCE, alignflow.rollout.sync)."""
+    fp32 trainer's weights into it and verifies them at BF16_SYNC_TOLERANCE, alignflow.rollout.sync). `replica`:
+    this rank's full copy of a sharded policy (FSDP), which the engine samples from and every sync refreshes."""
+    if replica is not None:
+        bf16 = next(replica.parameters()).dtype == torch.bfloat16
+        return make_engine(cfg.engine, replica, tokenizer, tolerance=BF16_SYNC_TOLERANCE if bf16 else None)
     if cfg.engine == "static" and precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
         return make_engine(cfg.engine, model, tokenizer, dtype=torch.bfloat16, tolerance=BF16_SYNC_TOLERANCE)
     return make_engine(cfg.engine, model, tokenizer)
@@ -320,16 +330,25 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
                          f"({distributed.world_size()})")
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cand.lr, weight_decay=0.0)
+    precision = _precision(cfg, model)
+    sharded = distributed.shards(cfg.parallel)
+    # FSDP: this rank's full copy for its engine, taken before sharding (bf16 under bf16: the engine's dtype)
+    replica = copy.deepcopy(model) if sharded else None
+    if replica is not None and precision == "bf16":
+        replica.to(torch.bfloat16)
+    scorer = _Scorer(model, "fp32" if sharded else precision)  # FSDP's mixed precision replaces autocast
+    trainer = distributed.wrap(scorer, cfg.parallel, bf16=precision == "bf16")
+    policy = scorer if sharded else model   # what the loop's own forwards call (a sharded policy: through its root)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cand.lr, weight_decay=0.0)   # this rank's shards if FSDP
     warmup = max(1, cand.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     history = RewardHistory() if "history" in inputs else None
     start = _resume(ckpt_dir, f"{cand.name} s{seed}", model, optimizer, scheduler, data_gen, history)
     if distributed.rank():  # every rank samples its own completions (rank 0 keeps the single-process stream)
         torch.manual_seed(seed + 7919 * distributed.rank() + start)
-    precision = _precision(cfg, model)
-    scorer = distributed.wrap(_Scorer(model, precision))
-    engine = _engine(cfg, model, tokenizer, precision)
+    engine = _engine(cfg, model, tokenizer, precision, replica)
+    if sharded:  # the copy was taken before a resume: gather the trainer's weights into it (and verify them)
+        engine.sync(policy)
     source = _PromptStream(engine, tokenizer, cfg, reward, rows, solutions, data_gen)
     zero_steps = 0
     solution_of = dict(zip(prompts, solutions)) if solutions is not None else {}
@@ -346,25 +365,26 @@ def train_candidate(model, tokenizer, cand: CandidateConfig, seed: int, cfg: RLC
         batch.step, batch.total_steps = step, cand.steps
         # ---- the extra inputs the method needs, then its advantage
         rolled_out = time.perf_counter()  # rewards are Python floats: the rollout has finished on the device
-        _fill_inputs(batch, inputs, model, extra, tokenizer, cfg, solution_of, history, is_separator,
-                     engine_is_trainer=getattr(engine, "shares_trainer_weights", False), precision=precision)
+        _fill_inputs(batch, inputs, policy, extra, tokenizer, cfg, solution_of, history, is_separator,
+                     engine_is_trainer=not sharded and getattr(engine, "shares_trainer_weights", False),
+                     precision=precision)
         mask = batch.completion_mask.to(torch.float32)
         adv = ADVANTAGES[algo.advantage](batch, hp).detach()
         # ---- update: ppo_epochs x mini-batches optimizer steps (old_logprobs stay those of the sampling policy)
-        metrics.update(update_policy(scorer, model, optimizer, scheduler, batch, adv, mask, algo, hp, cfg, counters,
+        metrics.update(update_policy(trainer, model, optimizer, scheduler, batch, adv, mask, algo, hp, cfg, counters,
                                       max_nonfinite, step))
         updated = time.perf_counter()  # loss.item() / grad_norm.item() waited for the backward and the all-reduce
         # ---- weight sync (verified), logging, checkpoints
-        metrics.update(skipped_updates=counters.skipped, **_sync_and_check(engine, model, batch, adv, mask))
+        metrics.update(skipped_updates=counters.skipped, **_sync_and_check(engine, policy, batch, adv, mask))
         metrics["reward"] = distributed.mean_across_ranks(metrics["reward"], model.device)
         done = time.perf_counter()  # after the all-reduce of the reward: the slowest rank's step
         metrics.update(step_seconds=done - started, rollout_seconds=rolled_out - started,
                        update_seconds=updated - rolled_out, sync_seconds=done - updated)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", refresh=False)
-        if not distributed.is_main():  # rank 0 logs and writes for all; the others only train
-            faults.maybe_kill("rl", step + 1)
-            continue
-        on_log(step + 1, metrics)
+        if distributed.is_main():  # rank 0 logs for all
+            on_log(step + 1, metrics)
+        # rank 0 writes a replicated policy alone; a sharded one is gathered to rank 0 (snapshots) or written in
+        # shards by every rank (resume state), so every rank calls these
         if step + 1 in cand.checkpoints:  # a candidate policy
             save(model, tokenizer, ckpt_dir / "snapshots" / f"{cand.name}-s{seed}-{step + 1}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cand.steps:  # resume state
