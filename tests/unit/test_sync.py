@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from alignflow.rollout.engine import TransformersEngine, WeightSyncError
+from alignflow.rollout import sync as sync_module
 from alignflow.rollout.sync import SyncRecord
 
 
@@ -60,10 +61,16 @@ def test_perturbing_through_data_is_also_seen(tok):
         engine.check_synced()
 
 
-def test_transformers_engine_not_on_the_trainers_weights_fails_its_sync(tok):
+def test_transformers_engine_on_its_own_copy_loads_it_and_fails_when_the_load_does_not_take(tok, monkeypatch):
+    """An engine sampling from another object (FSDP: each rank's full copy) gets the trainer's weights at every
+    sync; with that load broken, the trainer moved and the copy did not: the check fires."""
     trainer = tiny(tok)
     engine = TransformersEngine(copy.deepcopy(trainer), tok)   # samples from another object
     assert engine.sync(trainer) <= 1e-4                        # equal weights: passes
+    perturb(trainer)
+    assert engine.sync(trainer) <= 1e-4                        # the sync copied the moved weights in
+    engine.check_synced()
+    monkeypatch.setattr(sync_module, "load_weights", lambda engine_model, trainer_model: None)
     perturb(trainer)
     with pytest.raises(WeightSyncError, match="did not take"):
         engine.sync(trainer)
@@ -74,7 +81,7 @@ def test_static_engine_sync_that_did_not_take_fails(tok, monkeypatch):
     trainer = tiny(tok)
     engine = static_engine(trainer, tok, dtype=torch.float64, tolerance=1.0)   # tolerance too loose to matter
     engine.sync(trainer)
-    monkeypatch.setattr(engine.model, "load_state_dict", lambda *a, **k: None)
+    monkeypatch.setattr(sync_module, "load_weights", lambda engine_model, trainer_model: None)   # the load broken
     perturb(trainer, 1e-3)
     with pytest.raises(WeightSyncError, match="did not follow the trainer"):
         engine.sync(trainer)
@@ -147,7 +154,7 @@ def test_bf16_static_engine_copy_syncs_and_its_check_still_fails(tok, monkeypatc
     engine.sync(trainer)
     perturb(trainer, 1e-2)
     assert engine.sync(trainer) <= 2e-2                                   # copied in: within bf16 rounding
-    monkeypatch.setattr(engine.model, "load_state_dict", lambda *a, **k: None)
+    monkeypatch.setattr(sync_module, "load_weights", lambda engine_model, trainer_model: None)   # the load broken
     perturb(trainer, 1e-2)       # a move the engine misses: ~0.13 in log-prob, below the absolute tolerance
     with pytest.raises(WeightSyncError, match="did not follow"):
         engine.sync(trainer)
