@@ -35,6 +35,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -147,15 +148,13 @@ def run_all(args) -> dict:
                    "temperature": rl_cfg.temperature, "max_new_tokens": rl_cfg.max_new_tokens,
                    "mini_batches": rl_cfg.mini_batches, "lr": cfg.rl.candidates[0].lr,
                    "warmup_steps": cfg.rl.candidates[0].warmup_steps, "engine": rl_cfg.engine})
-    lock_write = lambda: cm.write_json(out_path, out)  # noqa: E731
     done = {(r["method"], r["seed"]) for r in out["runs"] if r.get("steps") == args.steps}
     order = sorted(args.methods, key=PRIORITY.index)
     pending = [spec_of(m, s, args, mask_dir) for m in order for s in args.seeds if (m, s) not in done]
-    teacher_ready = (cm.teacher_dir(args.pipeline) / "config.json").exists()
     durations: dict[str, list[float]] = {}
 
     def ready(spec) -> bool:
-        return ((teacher_ready or not needs_teacher(spec.method))
+        return ((teacher["ready"] or not needs_teacher(spec.method))
                 and (spec.grad_mask is None or Path(spec.grad_mask).exists()))
 
     def fits(spec) -> bool:
@@ -164,6 +163,46 @@ def run_all(args) -> dict:
         seen = durations.get(spec.method) or [d for ds in durations.values() for d in ds]
         estimate = max(seen) if seen else args.prior_run_s
         return time.time() - started + estimate <= args.deadline_s
+
+    teacher = {"ready": (cm.teacher_dir(args.pipeline) / "config.json").exists(), "failed": None}
+    lock = threading.Lock()
+
+    def write() -> None:
+        with lock:
+            cm.write_json(out_path, out)
+
+    def fixed_figures() -> None:
+        """SFT's figures (and with the worked solution in the prompt), the distillation teacher (the `teacher`
+        stage's function) and its figures, in a thread of the main process while the workers train."""
+        if "sft" not in out:
+            hard = any(VARIANTS[m].get("split") == "hard" for m in args.methods)
+            figures = scores_of(args.pipeline, layout.sft, args.device, hard, privileged=True)
+            with lock:   # a new key while the main thread may be writing the JSON
+                out["sft"] = figures
+            write()
+            print(f"sft: eval {out['sft']['eval_accuracy']:.3f} ood {out['sft']['ood_accuracy']:.3f}; with the "
+                  f"worked solution in the prompt {out['sft']['privileged_eval_accuracy']:.3f}", flush=True)
+        if not any(needs_teacher(m) for m in args.methods):
+            return
+        if not teacher["ready"]:
+            t0 = time.time()
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    train_teacher(layout, cfg.model_copy(update={"device": args.device}),
+                                  cm.teacher_dir(args.pipeline), Path(tmp), on_log=lambda s, m: None)
+            except Exception as err:
+                teacher["failed"] = f"teacher: {err!r}"[:300]
+                print(teacher["failed"], flush=True)
+                return
+            teacher["ready"] = True
+            print(f"teacher trained in {time.time() - t0:.0f} s", flush=True)
+        if "teacher" not in out:
+            figures = scores_of(args.pipeline, cm.teacher_dir(args.pipeline), args.device, False, False)
+            with lock:
+                out["teacher"] = figures
+            write()
+            print(f"teacher: eval {out['teacher']['eval_accuracy']:.3f} ood {out['teacher']['ood_accuracy']:.3f}",
+                  flush=True)
 
     running: dict = {}
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
@@ -190,40 +229,34 @@ def run_all(args) -> dict:
                     print(f"run failed: {spec.method} s{spec.seed}: {err!r}", flush=True)
                     out["skipped"].append({"method": spec.method, "seed": spec.seed, "why": repr(err)[:300]})
                     continue
-                out["runs"].append(result)
+                with lock:
+                    out["runs"].append(result)
                 record_overlaps(out, result, mask_dir)
-                lock_write()
+                write()
                 print(json.dumps({k: v for k, v in result.items() if k in (
                     "method", "seed", "eval_accuracy", "ood_accuracy", "hard_accuracy", "seconds", "step_seconds")}
                     | {"changed_share": result.get("sparsity", {}).get("changed_share"),
                        "elapsed": round(time.time() - started)}), flush=True)
 
-        submit()
-        if "sft" not in out:   # the fixed figures while the first wave trains
-            hard = any(VARIANTS[m].get("split") == "hard" for m in args.methods)
-            out["sft"] = scores_of(args.pipeline, layout.sft, args.device, hard, privileged=True)
-            lock_write()
-            print(f"sft: eval {out['sft']['eval_accuracy']:.3f} ood {out['sft']['ood_accuracy']:.3f} with the "
-                  f"worked solution in the prompt {out['sft']['privileged_eval_accuracy']:.3f}", flush=True)
-        if any(needs_teacher(s.method) for s in pending) and not teacher_ready:
-            t0 = time.time()
-            with tempfile.TemporaryDirectory() as tmp:
-                train_teacher(layout, cfg.model_copy(update={"device": args.device}), cm.teacher_dir(args.pipeline),
-                              Path(tmp), on_log=lambda s, m: None)
-            teacher_ready = True
-            print(f"teacher trained in {time.time() - t0:.0f} s", flush=True)
-        if teacher_ready and "teacher" not in out and any(needs_teacher(m) for m in args.methods):
-            out["teacher"] = scores_of(args.pipeline, cm.teacher_dir(args.pipeline), args.device, False, False)
-            lock_write()
+        thread = threading.Thread(target=fixed_figures, daemon=True)   # while the runs train
+        thread.start()
         while pending or running:
+            if teacher["failed"]:   # the other claims go on without the distillation runs
+                for spec in [s for s in pending if needs_teacher(s.method)]:
+                    pending.remove(spec)
+                    out["skipped"].append({"method": spec.method, "seed": spec.seed, "why": teacher["failed"]})
             submit()
-            if not running:
-                if pending:   # nothing can start (a mask that was never written): say so and stop
-                    out["skipped"] += [{"method": s.method, "seed": s.seed, "why": "input missing"} for s in pending]
+            if running:
+                collect(timeout=2.0)
+            elif thread.is_alive():   # waiting for the teacher
+                thread.join(timeout=2.0)
+            else:
+                # nothing can start (a mask that was never written): say so and stop
+                out["skipped"] += [{"method": s.method, "seed": s.seed, "why": "input missing"} for s in pending]
                 break
-            collect(timeout=None)
+        thread.join()
     out["seconds"] = round(time.time() - started, 1)
-    lock_write()
+    write()
     return out
 
 
