@@ -432,13 +432,14 @@ def write_docs(merged: dict) -> None:
         where = f"`{c['pipeline']}` ({c['model_parameters'] / 1e6:.1f} M, {c['steps']} steps, {c['device']})"
         for i, t in enumerate(c["tests"]):
             name = f"**{c['claim']}: {c['verdict']}**" if i == 0 else ""
+            if t["verdict"] == "not run":   # only a headline that was not run gets a row (the JSON lists all)
+                if i == 0:
+                    lines.append(f"| {name} | {where} | {t.get('metric', t.get('test'))} | {t.get('a', '–')} | "
+                                 f"{t.get('b', '–')} | – | – | – | not run |")
+                continue
             if "a" not in t:
                 lines.append(f"| {name} | {where if i == 0 else ''} | {t['test']} | – | – | "
                              f"{t.get('mean', float('nan')):+.3f} | {_interval(t, 't_interval')} | – | {t['verdict']} |")
-                continue
-            if t["verdict"] == "not run":
-                lines.append(f"| {name} | {where if i == 0 else ''} | {t['metric']} | {t['a']} | {t['b']} | – | – | – | "
-                             "not run |")
                 continue
             a = f"{t['a']} {t['a_mean']:.3f} (n={len(t['seeds_a'])})"
             lines.append(f"| {name} | {where if i == 0 else ''} | {t['metric']} ({t['direction']}) | {a} | {t['b']} "

@@ -7,13 +7,13 @@
 # ExOPD, SRPPO with the verifier, GRPO on its own changed set); a run that would end after the deadline is not
 # started (claims.json then lists it as skipped). At most WORKERS + 1 busy CPU cores: a CPU job may share the host.
 #   carry: data/gpu/curated (`alignflow stage curate --pipeline gpu`, or alignflow.data.curate.curate on its config)
-#   and .whl (pydantic wheels, which the image lacks; untracked, not ignored, so it travels anyway).
+#   and .whl (pydantic wheels, which the image lacks); both are ignored paths, so name them in the call's carry.
 # Returned in $OUT: claims_gpu_runs.json (every run: accuracies, per-prompt correctness, changed shares per matrix,
 # mechanisms, and the Jaccard overlaps), claims.json (verdicts), base.json, sft.json, claims.log.
 # Afterwards, here: cp them to bench/results/ and `python bench/claims.py --report-only` (docs table and plots).
 set -o pipefail
 START=$SECONDS
-TOTAL=${TOTAL:-500} BASE_STEPS=${BASE_STEPS:-400} STEPS=${STEPS:-40} PROMPTS=${PROMPTS:-128} WORKERS=${WORKERS:-3}
+TOTAL=${TOTAL:-490} BASE_STEPS=${BASE_STEPS:-400} STEPS=${STEPS:-40} PROMPTS=${PROMPTS:-128} WORKERS=${WORKERS:-3}
 SEEDS=${SEEDS:-0 1 2} METHODS=${METHODS:-srppo grpo opsd opd exopd exopd_15 exopd_rc srppo_verifier grpo_masked}
 OUT=${OUT:-/tmp/out}
 mkdir -p $OUT
