@@ -12,6 +12,7 @@ in bf16 like the released checkpoints.
 
     python bench/make_shape.py --shape 0.5b --out models/shapes/qwen2.5-0.5b [--device cuda]
     python bench/make_shape.py --shape 1.5b --out models/shapes/qwen2.5-1.5b --device cuda
+    python bench/make_shape.py --shape 7b --out models/shapes/qwen2.5-7b --device cuda --no-check   # 15 GB bf16
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ SHAPES = {
                  num_key_value_heads=2),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2),
+    # Qwen2.5-7B: untied lm_head and a 152,064-row vocabulary (its config.json); 7.6 B parameters, ~122 GB of fp32
+    # weights + gradients + AdamW state: more than one H100 holds, the shape FSDP is for (issue 20)
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     "test": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
@@ -95,10 +100,10 @@ def build_tokenizer(train_vocab: int = 8000):
 
 def build_model(shape: str, device: str):
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    kw = dict(vocab_size=VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
-              bos_token_id=REGULAR, eos_token_id=REGULAR + 2, pad_token_id=REGULAR, use_sliding_window=False,
-              max_window_layers=SHAPES[shape]["num_hidden_layers"], attention_dropout=0.0, hidden_act="silu",
-              initializer_range=0.02, **SHAPES[shape])
+    kw = {**dict(vocab_size=VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                 bos_token_id=REGULAR, eos_token_id=REGULAR + 2, pad_token_id=REGULAR, use_sliding_window=False,
+                 max_window_layers=SHAPES[shape]["num_hidden_layers"], attention_dropout=0.0, hidden_act="silu",
+                 initializer_range=0.02), **SHAPES[shape]}
     try:
         cfg = Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **kw)
     except Exception:  # noqa: BLE001  (older transformers)
