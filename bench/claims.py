@@ -336,7 +336,11 @@ def analyse(out: dict) -> list[dict]:
               f"(the papers train for hundreds to thousands of steps on real models)",
               f"a {out['sft']['parameters'] / 1e6:.1f} M-parameter Qwen2-shape model trained from scratch on generated "
               "addition (the papers: 1.5-8 B pre-trained models on maths/reasoning data)",
-              f"learning rate {out['rl']['lr']} for every method (the pipeline's), each method's own constants otherwise"]
+              f"learning rate {out['rl']['lr']} for every method (the pipeline's), each method's own constants otherwise",
+              "optimizer steps per rollout: " + (f"{out['rl']['mini_batches']} for every method (rl.mini_batches)"
+                                                  if out["rl"].get("mini_batches") else
+                                                  "each preset's own (docs/algorithms.md: 1 for GRPO and OPSD, 4 for "
+                                                  "SRPPO and OPD/ExOPD)")]
     srppo = claim("srppo", "SRPPO from demonstrations alone generalises better than SFT (OOD)", "arXiv:2510.21090", [
         compare(out, "srppo", "sft", "ood_accuracy"), compare(out, "srppo", "sft", "eval_accuracy"),
         compare(out, "srppo", "grpo", "ood_accuracy"), compare(out, "srppo", "grpo", "eval_accuracy"),

@@ -188,3 +188,25 @@ def test_srppo_verifier_weight_adds_the_standardised_verifier_reward():
     s = 1 / math.sqrt(2)
     assert torch.allclose(plain, torch.tensor([s, -s, -s, s]), atol=1e-6)
     assert torch.allclose(with_verifier, plain + 0.5 * torch.tensor([s, -s, 0.0, 0.0]), atol=1e-6)
+
+
+def _run(method, seed, eval_acc, correct):
+    return {"method": method, "seed": seed, "eval_accuracy": eval_acc, "eval_correct": correct}
+
+
+def test_compare_one_sample_against_sft_and_welch_between_methods():
+    import claims
+    out = {"sft": {"eval_accuracy": 0.5, "eval_correct": "1100"},
+           "runs": [_run("x", 0, 0.75, "1110"), _run("x", 1, 0.75, "1101"), _run("x", 2, 1.0, "1111"),
+                    _run("y", 0, 0.5, "1100"), _run("y", 1, 0.25, "1000")]}
+    vs_sft = claims.compare(out, "x", "sft", "eval_accuracy")
+    want = stats.diff_vs_constant([0.75, 0.75, 1.0], 0.5)
+    assert vs_sft["t_interval"] == [want["lo"], want["hi"]] and vs_sft["seeds_a"] == [0, 1, 2]
+    assert vs_sft["verdict"] == stats.verdict(want["lo"], want["hi"])
+    # per prompt: x's mean over seeds 1, 1, 2/3, 2/3; sft 1, 1, 0, 0 -> mean difference 1/3
+    assert vs_sft["bootstrap_prompts"] == 4
+    between = claims.compare(out, "x", "y", "eval_accuracy", "not_worse")
+    want = stats.welch_diff([0.75, 0.75, 1.0], [0.5, 0.25])
+    assert between["t_interval"] == [want["lo"], want["hi"]] and between["diff"] == pytest.approx(0.45833333)
+    assert claims.compare(out, "z", "sft", "eval_accuracy")["verdict"] == "not run"
+    assert claims.compare(out, "x", "teacher", "eval_accuracy")["verdict"] == "not run"
