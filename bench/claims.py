@@ -35,7 +35,6 @@ import multiprocessing as mp
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -112,6 +111,24 @@ def scores_of(pipeline: str, model_dir: Path, device: str, hard: bool, privilege
     return out
 
 
+def teacher_job(pipeline: str, device: str) -> dict:
+    """Train the distillation teacher where compare_methods keeps it, unless there (the `teacher` stage's
+    function, alignflow.steps.train.train_teacher), and score it like SFT."""
+    import torch
+
+    from alignflow.config import load_pipeline
+    from alignflow.layout import Layout
+    from alignflow.steps.train import train_teacher
+    torch.set_num_threads(1)
+    started, out_dir = time.time(), cm.teacher_dir(pipeline)
+    if not (out_dir / "config.json").exists():
+        cfg = load_pipeline(pipeline, ROOT / "pipelines.yaml")
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher(Layout(ROOT, pipeline), cfg.model_copy(update={"device": device}), out_dir, Path(tmp),
+                          on_log=lambda s, m: None)
+    return scores_of(pipeline, out_dir, device, False, False) | {"seconds": time.time() - started}
+
+
 def record_overlaps(out: dict, result: dict, mask_dir: Path) -> None:
     """Jaccard of the new run's changed set with every earlier run's, and the chance level for their densities."""
     import subnetwork
@@ -133,7 +150,6 @@ def run_all(args) -> dict:
 
     from alignflow.config import load_pipeline
     from alignflow.layout import Layout
-    from alignflow.steps.train import train_teacher
     started = time.time()
     cfg, layout = load_pipeline(args.pipeline, ROOT / "pipelines.yaml"), Layout(ROOT, args.pipeline)
     out_path = Path(args.out)
@@ -164,45 +180,10 @@ def run_all(args) -> dict:
         estimate = max(seen) if seen else args.prior_run_s
         return time.time() - started + estimate <= args.deadline_s
 
-    teacher = {"ready": (cm.teacher_dir(args.pipeline) / "config.json").exists(), "failed": None}
-    lock = threading.Lock()
+    teacher = {"ready": (cm.teacher_dir(args.pipeline) / "config.json").exists(), "failed": None, "future": None}
 
     def write() -> None:
-        with lock:
-            cm.write_json(out_path, out)
-
-    def fixed_figures() -> None:
-        """SFT's figures (and with the worked solution in the prompt), the distillation teacher (the `teacher`
-        stage's function) and its figures, in a thread of the main process while the workers train."""
-        if "sft" not in out:
-            hard = any(VARIANTS[m].get("split") == "hard" for m in args.methods)
-            figures = scores_of(args.pipeline, layout.sft, args.device, hard, privileged=True)
-            with lock:   # a new key while the main thread may be writing the JSON
-                out["sft"] = figures
-            write()
-            print(f"sft: eval {out['sft']['eval_accuracy']:.3f} ood {out['sft']['ood_accuracy']:.3f}; with the "
-                  f"worked solution in the prompt {out['sft']['privileged_eval_accuracy']:.3f}", flush=True)
-        if not any(needs_teacher(m) for m in args.methods):
-            return
-        if not teacher["ready"]:
-            t0 = time.time()
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    train_teacher(layout, cfg.model_copy(update={"device": args.device}),
-                                  cm.teacher_dir(args.pipeline), Path(tmp), on_log=lambda s, m: None)
-            except Exception as err:
-                teacher["failed"] = f"teacher: {err!r}"[:300]
-                print(teacher["failed"], flush=True)
-                return
-            teacher["ready"] = True
-            print(f"teacher trained in {time.time() - t0:.0f} s", flush=True)
-        if "teacher" not in out:
-            figures = scores_of(args.pipeline, cm.teacher_dir(args.pipeline), args.device, False, False)
-            with lock:
-                out["teacher"] = figures
-            write()
-            print(f"teacher: eval {out['teacher']['eval_accuracy']:.3f} ood {out['teacher']['ood_accuracy']:.3f}",
-                  flush=True)
+        cm.write_json(out_path, out)
 
     running: dict = {}
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
@@ -229,8 +210,7 @@ def run_all(args) -> dict:
                     print(f"run failed: {spec.method} s{spec.seed}: {err!r}", flush=True)
                     out["skipped"].append({"method": spec.method, "seed": spec.seed, "why": repr(err)[:300]})
                     continue
-                with lock:
-                    out["runs"].append(result)
+                out["runs"].append(result)
                 record_overlaps(out, result, mask_dir)
                 write()
                 print(json.dumps({k: v for k, v in result.items() if k in (
@@ -238,23 +218,44 @@ def run_all(args) -> dict:
                     | {"changed_share": result.get("sparsity", {}).get("changed_share"),
                        "elapsed": round(time.time() - started)}), flush=True)
 
-        thread = threading.Thread(target=fixed_figures, daemon=True)   # while the runs train
-        thread.start()
+        submit()
+        wants_teacher = any(needs_teacher(m) for m in args.methods) and "teacher" not in out
+        # the distillation teacher (the `teacher` stage's function) and its figures, in a process of its own
+        helper = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) if wants_teacher else None
+        if helper:
+            teacher["future"] = helper.submit(teacher_job, args.pipeline, args.device)
+        if "sft" not in out:   # SFT's figures (also with the worked solution in the prompt) while the runs train
+            hard = any(VARIANTS[m].get("split") == "hard" for m in args.methods)
+            out["sft"] = scores_of(args.pipeline, layout.sft, args.device, hard, privileged=True)
+            write()
+            print(f"sft: eval {out['sft']['eval_accuracy']:.3f} ood {out['sft']['ood_accuracy']:.3f}; with the "
+                  f"worked solution in the prompt {out['sft']['privileged_eval_accuracy']:.3f}", flush=True)
         while pending or running:
-            if teacher["failed"]:   # the other claims go on without the distillation runs
-                for spec in [s for s in pending if needs_teacher(s.method)]:
-                    pending.remove(spec)
-                    out["skipped"].append({"method": spec.method, "seed": spec.seed, "why": teacher["failed"]})
+            fut = teacher["future"]
+            if fut is not None and fut.done():
+                teacher["future"] = None
+                try:
+                    out["teacher"] = fut.result()
+                    teacher["ready"] = True
+                    write()
+                    print(f"teacher: eval {out['teacher']['eval_accuracy']:.3f} ood "
+                          f"{out['teacher']['ood_accuracy']:.3f} ({out['teacher']['seconds']:.0f} s)", flush=True)
+                except Exception as err:   # the other claims go on without the distillation runs
+                    print(f"teacher failed: {err!r}", flush=True)
+                    for spec in [s for s in pending if needs_teacher(s.method)]:
+                        pending.remove(spec)
+                        out["skipped"].append({"method": spec.method, "seed": spec.seed, "why": f"teacher: {err!r}"[:300]})
             submit()
             if running:
                 collect(timeout=2.0)
-            elif thread.is_alive():   # waiting for the teacher
-                thread.join(timeout=2.0)
+            elif teacher["future"] is not None:   # waiting for the teacher
+                wait([teacher["future"]], timeout=2.0)
             else:
                 # nothing can start (a mask that was never written): say so and stop
                 out["skipped"] += [{"method": s.method, "seed": s.seed, "why": "input missing"} for s in pending]
                 break
-        thread.join()
+        if helper:
+            helper.shutdown()
     out["seconds"] = round(time.time() - started, 1)
     write()
     return out
