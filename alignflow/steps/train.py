@@ -11,7 +11,7 @@ from alignflow.data.rows import TaskRows, read_rows
 from alignflow.data.task import worked_steps
 from alignflow.evaluation import score
 from alignflow import lora
-from alignflow.train import distributed, fast, rl, supervised
+from alignflow.train import distributed, fast, rl, sharding, supervised
 from alignflow.stage import StageContext, read_split
 
 
@@ -54,11 +54,11 @@ def supervised_finetune(ctx: StageContext) -> dict:
                                        stop_ids=models.eos_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(ctx.cfg.seed)
 
-    def validate() -> dict:
+    def validate(policy=None) -> dict:   # policy: a full copy of a sharded model (FSDP), else the model itself
         if not n_val:
             return {}
-        s = score(model, tokenizer, val, ctx.rewards, max_new_tokens=ctx.cfg.evaluate.max_new_tokens,
-                  batch_size=ctx.cfg.evaluate.batch_size)
+        s = score(model if policy is None else policy, tokenizer, val, ctx.rewards,
+                  max_new_tokens=ctx.cfg.evaluate.max_new_tokens, batch_size=ctx.cfg.evaluate.batch_size)
         return {"val_score": s["value"]}
 
     target = cfg.stop_at_score if n_val else None
@@ -66,9 +66,13 @@ def supervised_finetune(ctx: StageContext) -> dict:
         model, tokenizer, examples, cfg.batch_size, generator, ctx.cfg.precision,
         steps=cfg.steps, lr=cfg.lr, ckpt_dir=ctx.ckpt, checkpoint_every=cfg.checkpoint_every,
         on_log=ctx.log_step, validate=validate, validate_every=cfg.eval_every,
-        stop=(lambda m: m["val_score"] >= target) if target is not None else None, desc="sft")
-    models.save(model, tokenizer, ctx.layout.sft)
-    final = validate()
+        stop=(lambda m: m["val_score"] >= target) if target is not None else None, desc="sft",
+        parallel=cfg.parallel)
+    models.save(model, tokenizer, ctx.layout.sft)   # every rank: a sharded model is gathered to rank 0, which writes
+    if not distributed.is_main():
+        return {}
+    # the output as the next stage loads it: a sharded model's consolidated save, else the model in memory
+    final = validate(models.load(ctx.layout.sft, ctx.cfg.device)[0] if sharding.is_sharded(model) else None)
     return {"steps": result.resumed_from + result.steps_run, "stopped_early": result.stopped_early,
             "final_loss": result.last_loss, "resumed_from_step": result.resumed_from, **final}
 
@@ -77,8 +81,10 @@ def train_sft(model, tokenizer, examples, batch_size: int, generator: torch.Gene
               **kw) -> supervised.TrainResult:
     """The SFT / teacher training loop. On CUDA with precision bf16 and a plain Qwen2/Llama-family decoder
     (fast.sft_packed_applies): the packed varlen trainer, fast.train_sft_packed (same draws, loss, schedule and
-    checkpoints; docs/performance.md). Everywhere else (CPU, fp32, LoRA): supervised.train_lm, unchanged."""
-    if fast.sft_packed_applies(model, precision):
+    checkpoints; docs/performance.md), in one process. Everywhere else (CPU, fp32, LoRA, several ranks):
+    supervised.train_lm, its `parallel` setting deciding how the ranks train."""
+    if fast.sft_packed_applies(model, precision) and distributed.world_size() == 1:
+        kw.pop("parallel", None)
         return fast.train_sft_packed(model, examples, batch_size, tokenizer.pad_token_id, generator, **kw)
     return supervised.train_lm(model, supervised.sft_batches(examples, batch_size, tokenizer.pad_token_id, generator),
                                generator, precision=precision, **kw)
