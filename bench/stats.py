@@ -1,4 +1,4 @@
-"""Intervals and verdicts of the benchmarks, in plain Python + numpy (the GPU boxes have no scipy).
+"""Intervals and verdicts of the benchmarks (t quantiles from scipy; the rest in plain Python).
 
     t_ppf(q, df)                 Student t quantile (fractional df allowed: Welch)
     mean_ci(values)              mean and the half-width of its 95% t-interval
@@ -14,62 +14,10 @@ import math
 PRACTICAL_MARGIN = 0.01   # accuracy: 5 of 500 held-out prompts; an effect whose upper bound is below it is no effect
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta (Numerical Recipes' betacf, modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_ppf(q: float, df: float) -> float:
-    """The q-quantile of Student's t with df degrees of freedom (bisection on the CDF)."""
-    if q == 0.5:
-        return 0.0
-    if q < 0.5:
-        return -t_ppf(1.0 - q, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
-    return 0.5 * (lo + hi)
+    """The q-quantile of Student's t with df degrees of freedom (fractional df: Welch)."""
+    from scipy import stats   # in the pinned set (constraints.txt) and on the device image
+    return float(stats.t.ppf(q, df))
 
 
 def _mean_var(values: list[float]) -> tuple[float, float]:
