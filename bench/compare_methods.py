@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -166,11 +167,26 @@ def run_spec(spec: RunSpec) -> dict:
         if spec.grad_mask:
             kept = subnetwork.apply_grad_mask(model, subnetwork.load_mask(spec.grad_mask))
             extra["trained_share"] = kept / sum(p.numel() for p in model.parameters())
-    logs, started = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        rl.train_candidate(model, tok, cand, spec.seed, rl_cfg, rows, None, Path(tmp),
-                           on_log=lambda s, m: logs.append(m), **inputs)
+    # a run's checkpoints and step logs outlive a killed process: the same command resumes the run from its last
+    # checkpoint (rl.checkpoint_every) and keeps the logged steps before it (a resumed step's log replaces the old)
+    run_dir = resume_dir(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / "steps.jsonl"
+    logged = {}
+    if log_file.exists():
+        for line in log_file.read_text().splitlines():
+            if line.strip():
+                step, metrics = json.loads(line)
+                logged[step] = metrics
+    started = time.time()
+    with log_file.open("a") as sink:
+        def on_log(step: int, metrics: dict) -> None:
+            logged[step] = metrics
+            sink.write(json.dumps([step, metrics], default=float) + "\n")
+            sink.flush()
+        rl.train_candidate(model, tok, cand, spec.seed, rl_cfg, rows, None, run_dir, on_log=on_log, **inputs)
     trained = time.time()
+    logs = [logged[s] for s in sorted(logged)]
     if spec.grad_mask or spec.save_mask:
         extra["sparsity"], packed = subnetwork.changed(start, model)
         if spec.save_mask:
@@ -184,8 +200,23 @@ def run_spec(spec: RunSpec) -> dict:
               "zero_reward_groups_last_quarter": quarter("zero_reward_groups", last),
               "mechanisms": mechanisms_of(logs)} | extra
     result |= scores(model, tok, held_out, per_prompt=spec.per_prompt)
+    shutil.rmtree(run_dir)
     return result | {"train_seconds": round(trained - started, 1), "seconds": round(time.time() - started, 1),
                      "step_seconds": round(sum(m["step_seconds"] for m in logs) / max(1, len(logs)), 4)}
+
+
+def resume_dir(spec: RunSpec) -> Path:
+    """Where a run keeps what a restart resumes from (removed once the run's result is written)."""
+    key = "-".join(str(v) for v in (spec.method, f"s{spec.seed}", spec.steps, spec.split, spec.device,
+                                    hash_of(spec)))
+    return ROOT / "checkpoints" / spec.pipeline / "compare" / "runs" / key
+
+
+def hash_of(spec: RunSpec) -> str:
+    """Runs that differ in anything else (hparams, overrides, masks) do not share a resume folder."""
+    import hashlib
+    return hashlib.sha256(repr((spec.algorithm, spec.hparams, spec.teacher, spec.ref, spec.rl, spec.grad_mask,
+                                spec.save_mask, spec.per_prompt)).encode()).hexdigest()[:8]
 
 
 SUMMARY_KEYS = {"standard": ("eval_accuracy", "ood_accuracy", "eval_steps_consistent"),
@@ -349,7 +380,9 @@ def main() -> int:
     order = sorted(args.methods, key=lambda m: COST_ORDER.index(m) if m in COST_ORDER else len(COST_ORDER))
     jobs = [(args.pipeline, m, s, args.steps, args.device, args.split) for m in order for s in args.seeds
             if (m, s) not in done]
-    later = [j for j in jobs if "teacher" in ALGORITHMS[j[1]].inputs()]
+    jobs.sort(key=lambda j: not resume_dir(RunSpec(*j)).exists())   # runs a killed call left half-done go first
+    teacher_ready = (teacher_dir(args.pipeline) / "config.json").exists()
+    later = [] if teacher_ready else [j for j in jobs if "teacher" in ALGORITHMS[j[1]].inputs()]
     first = [j for j in jobs if j not in later]
     lock = threading.Lock()
 
