@@ -12,7 +12,8 @@ Each (method, seed) is one run of the one RL loop (alignflow/train/rl.py) with t
 candidate; each method keeps its paper's defaults (docs/algorithms.md). Inputs come from a finished run of the
 pipeline (curated splits, base and SFT models); the distillation teacher (opd, exopd) is trained here the way
 the `teacher` stage does it when the pipeline did not need one. Results: bench/results/methods_<p>.json, the
-table between the `methods` markers of docs/results.md, and docs/img/methods_<p>.png. Partial results are
+table between the `methods` markers of docs/results.md (`methods-<tag>` for --out methods_<p>_<tag>.json), and
+docs/img/<the JSON's name>.png. Partial results are
 kept in the JSON as runs finish, and a rerun skips the runs already there.
 
 Per run the JSON also keeps `mechanisms`: the mean over the run's steps of what the RL loop logs about each method's
@@ -306,9 +307,11 @@ def replace_block(marker: str, body: str, heading: str) -> None:
     doc.write_text(text)
 
 
-def write_docs(out: dict, pipeline: str) -> None:
+def write_docs(out: dict, pipeline: str, path: Path) -> None:
+    """The docs table and plot of one results file; methods_<p>_<tag>.json gets its own `methods-<tag>` block."""
     if out.get("split") == "hard":
         return write_hard_docs(out, pipeline)
+    tag = path.stem[len(f"methods_{pipeline}"):].replace("_", "-")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,7 +320,7 @@ def write_docs(out: dict, pipeline: str) -> None:
     fmt = lambda mc: f"{mc[0]:.3f} ± {mc[1]:.3f}" if mc[1] == mc[1] else f"{mc[0]:.3f}"  # noqa: E731
     lines = [f"Command: `{out['command']}` ({out['device']}; {out['steps']} RL steps per run from the `{pipeline}` "
              f"SFT model; mean ± half-width of the 95% t-interval over seeds {out['seeds']}; raw: "
-             f"`bench/results/methods_{pipeline}.json`).", "",
+             f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`).", "",
              "| method | runs | greedy eval | vs SFT | greedy OOD | steps consistent (eval) | optimizer steps per "
              "rollout | mechanisms (mean over runs of the per-step logs) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -326,7 +329,8 @@ def write_docs(out: dict, pipeline: str) -> None:
         lines.append(f"| {r['method']} | {r['n']} | {fmt(r['eval_accuracy'])} | {r['eval_accuracy'][0] - sft:+.3f} | "
                      f"{fmt(r['ood_accuracy'])} | {fmt(r['eval_steps_consistent'])} | {per_rollout} | "
                      f"{mechanism_text(r['method'], m)} |")
-    replace_block("methods", "\n".join(lines) + f"\n\n![methods](img/methods_{pipeline}.png)", "Every method, same start")
+    replace_block(f"methods{tag}", "\n".join(lines) + f"\n\n![methods](img/{path.stem}.png)",
+                  f"Every method, same start ({out['steps']} steps)")
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [r["method"] for r in rows]
     for i, (key, label) in enumerate((("eval_accuracy", "greedy eval"), ("ood_accuracy", "greedy OOD"))):
@@ -335,11 +339,11 @@ def write_docs(out: dict, pipeline: str) -> None:
     ax.axhline(sft, color="grey", lw=0.8, ls="--")
     ax.set_xticks([x + 0.2 for x in range(len(rows))], names, rotation=45, ha="right")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{out['steps']} RL steps from SFT, {len(out['seeds'])} seeds (95% CI)")
+    ax.set_title(f"{out['steps']} RL steps from SFT, up to {len(out['seeds'])} seeds (95% CI where 2 or more)")
     ax.legend()
     fig.tight_layout()
     (ROOT / "docs/img").mkdir(exist_ok=True)
-    fig.savefig(ROOT / f"docs/img/methods_{pipeline}.png", dpi=110)
+    fig.savefig(ROOT / f"docs/img/{path.stem}.png", dpi=110)
 
 
 def main() -> int:
@@ -359,7 +363,7 @@ def main() -> int:
     suffix = "_hard" if args.split == "hard" else ""
     out_path = Path(args.out or ROOT / f"bench/results/methods_{args.pipeline}{suffix}.json")
     if args.report_only:
-        write_docs(json.loads(out_path.read_text()), args.pipeline)
+        write_docs(json.loads(out_path.read_text()), args.pipeline, out_path)
         return 0
     import torch
 
@@ -415,7 +419,7 @@ def main() -> int:
     write_json(out_path, out)
     if args.no_report:   # e.g. on a GPU box without scipy/matplotlib: rewrite the docs later with --report-only
         return 0
-    write_docs(out, args.pipeline)
+    write_docs(out, args.pipeline, out_path)
     for r in summarise(out):
         print(r)
     return 0
