@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,17 +208,11 @@ def run_spec(spec: RunSpec) -> dict:
 
 
 def resume_dir(spec: RunSpec) -> Path:
-    """Where a run keeps what a restart resumes from (removed once the run's result is written)."""
-    key = "-".join(str(v) for v in (spec.method, f"s{spec.seed}", spec.steps, spec.split, spec.device,
-                                    hash_of(spec)))
-    return ROOT / "checkpoints" / spec.pipeline / "compare" / "runs" / key
-
-
-def hash_of(spec: RunSpec) -> str:
-    """Runs that differ in anything else (hparams, overrides, masks) do not share a resume folder."""
+    """Where a run keeps what a restart resumes from (removed once the run's result is written); runs that differ in
+    any field (hparams, overrides, masks) get different folders."""
     import hashlib
-    return hashlib.sha256(repr((spec.algorithm, spec.hparams, spec.teacher, spec.ref, spec.rl, spec.grad_mask,
-                                spec.save_mask, spec.per_prompt)).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(repr(dataclasses.astuple(spec)).encode()).hexdigest()[:8]
+    return ROOT / "checkpoints" / spec.pipeline / "compare" / "runs" / f"{spec.method}-s{spec.seed}-{spec.steps}-{digest}"
 
 
 SUMMARY_KEYS = {"standard": ("eval_accuracy", "ood_accuracy", "eval_steps_consistent"),
@@ -400,7 +395,7 @@ def main() -> int:
     with mp.get_context("spawn").Pool(args.workers) as pool:
         pending = [pool.apply_async(run_one, (j,), callback=finished, error_callback=failed)
                    for j in first[:args.workers]]
-        if later and not (teacher_dir(args.pipeline) / "config.json").exists():
+        if later:   # the teacher is not there yet (else `later` is empty)
             started = time.time()
             with tempfile.TemporaryDirectory() as tmp:
                 train_teacher(layout, cfg.model_copy(update={"device": args.device}), teacher_dir(args.pipeline),
