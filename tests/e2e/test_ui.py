@@ -69,6 +69,12 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def _artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")
+    return ARTIFACTS
+
+
 def _wait(predicate, timeout: float, what: str, step: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,17 +96,31 @@ def test_run_form_starts_a_run_with_a_changed_parameter(stack, browser):
     browser.get(f"{stack['ui_url']}/deployments/deployment/{deployment['id']}/run")
     field = _wait(lambda: browser.find_elements(By.TAG_NAME, "textarea"), 90, "the run form's message field")[0]
     assert field.get_attribute("value") == "ping"  # the deployment's default, shown in the form
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(Keys.DELETE)
-    field.send_keys(token)
-    submit = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[type=submit]") if b.text == "Submit")
+
+    def typed() -> bool:  # keystrokes into a reactive form can be dropped on a loaded machine: retype until it holds
+        if field.get_attribute("value") != token:
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(Keys.DELETE)
+            field.send_keys(token)
+        return field.get_attribute("value") == token
+
+    _wait(typed, 30, "the typed value in the message field", step=2)
+    submit = _wait(lambda: next((b for b in browser.find_elements(By.CSS_SELECTOR, "button[type=submit]")
+                                 if b.text == "Submit" and b.is_enabled()), None), 30, "an enabled Submit button")
     submit.click()
 
     def run_of_token():
-        runs = api.post("flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}).json()
+        runs = api.post("flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}},
+                                                  "sort": "EXPECTED_START_TIME_DESC", "limit": 50}).json()
         return next((r for r in runs if r["parameters"].get("message") == token), None)
 
-    run = _wait(run_of_token, 30, "the flow run created by the form")
+    try:  # a loaded 2-core CI machine once took more than 30 s here; the page says why if it never comes
+        run = _wait(run_of_token, 120, "the flow run created by the form")
+    except AssertionError as err:
+        _artifacts()
+        browser.save_screenshot(str(ARTIFACTS / "ui-submit-timeout.png"))
+        page = browser.find_element(By.TAG_NAME, "body").text[-1500:]
+        raise AssertionError(f"{err}; url {browser.current_url}; page text:\n{page}") from None
     run = _wait(lambda: (r := api.get(f"flow_runs/{run['id']}").json())["state_type"] in
                 ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, 180, "the run to finish", step=1)
     assert run["state_type"] == "COMPLETED", run["state"]
@@ -114,9 +134,7 @@ def test_run_form_starts_a_run_with_a_changed_parameter(stack, browser):
         _wait(lambda: f"'{token}'" in browser.find_element(By.TAG_NAME, "body").text, 20, "the run's log line")
     except AssertionError:
         pass  # logs arrive in batches; the API checks above already proved the run
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / ".gitignore").write_text("*\n")
-    shot = ARTIFACTS / "ui-completed-run.png"
+    shot = _artifacts() / "ui-completed-run.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     print(f"\nUI run {run['name']} ({run['id']}) completed; screenshot {shot}")
