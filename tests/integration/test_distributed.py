@@ -73,6 +73,23 @@ def test_two_rank_rl_killed_mid_way_resumes_both_ranks_from_the_same_step(smoke_
     assert pd.read_csv(root / "metrics/smoke/rl_curve.csv")["step"].max() == 5
 
 
+def _two_gloo_ranks(target, *args, timeout: float = 300) -> dict:
+    """Run target(rank, port, *args, queue) in 2 spawned processes; -> {rank: what each put on the queue}."""
+    import socket
+    ctx = torch.multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
 def _diverging_rank(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
     from alignflow.train import distributed
@@ -87,18 +104,7 @@ def _diverging_rank(rank: int, port: int, queue) -> None:
 
 
 def test_diverged_ranks_fail_the_sync_check():
-    import socket
-    ctx = torch.multiprocessing.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_diverging_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_gloo_ranks(_diverging_rank, timeout=120)
     assert all("diverged" in msg and "1.00e-02" in msg for msg in results.values()), results
 
 
@@ -196,18 +202,7 @@ def test_two_ranks_normalise_like_one_process():
     """Every aggregation's normaliser (rows, tokens, the longest completion, CHORD's expert / on-policy token
     counts) is the global batch's: two gloo ranks holding different row counts and completion lengths take
     the same two SGD steps, and report the same loss, as one process holding every row."""
-    import socket
-    ctx = torch.multiprocessing.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_normalising_rank, args=(r, port, ALGOS, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_gloo_ranks(_normalising_rank, ALGOS, timeout=300)
     assert all(isinstance(r, dict) for r in results.values()), results
     for name in ALGOS:
         whole = _global_batch()
@@ -238,19 +233,8 @@ def _history_rank(rank: int, port: int, queue) -> None:
 def test_every_rank_holds_the_whole_reward_history():
     """DCPO's per-prompt history: each rank adds every rank's groups, so all ranks (and rank 0's checkpoint) hold
     the state one process would, and each rank's rows get the statistics one process would give them."""
-    import socket
     from alignflow.algorithms import RewardHistory
-    ctx = torch.multiprocessing.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_history_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_gloo_ranks(_history_rank, timeout=300)
     one = RewardHistory()
     times, mean, std = one.update(["a", "b", "b", "c"], torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 1.0]),
                                   torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
