@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from benchio import cuda_ms, log, save  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -35,30 +35,7 @@ from alignflow.rollout.engine import Sampling, token_logprobs  # noqa: E402
 from alignflow.rollout.static_engine import StaticCacheEngine  # noqa: E402
 
 EOS, PAD = 151645, 151643
-RESULT: dict = {}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def save(path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(RESULT, indent=2, default=str))
-
-
-def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+RESULT: dict = {}   # the JSON written by save(RESULT, args.out) after each section
 
 
 def ceilings() -> dict:
@@ -314,7 +291,7 @@ def main() -> int:
         except Exception:  # noqa: BLE001
             RESULT[key] = {"error": traceback.format_exc()[-3000:]}
         log(key, RESULT[key])
-    save(args.out)
+    save(RESULT, args.out)
     model = build_05b()
     n_params = sum(p.numel() for p in model.parameters())
     wbytes = weight_bytes(model)
@@ -351,7 +328,7 @@ def main() -> int:
         except Exception:  # noqa: BLE001
             entry["alignflow_static"] = {"error": traceback.format_exc()[-3000:]}
         log(B, "ours", {k: v for k, v in entry["alignflow_static"].items() if k != "all_runs_s"})
-        save(args.out)
+        save(RESULT, args.out)
         if B == args.batches[0]:
             try:
                 entry["profile"] = profile_decode(engine, P, 192)
@@ -369,7 +346,7 @@ def main() -> int:
                 except Exception:  # noqa: BLE001
                     entry["alignflow_static_unfused"] = {"error": traceback.format_exc()[-2000:]}
                 log(B, "unfused", entry["alignflow_static_unfused"])
-            save(args.out)
+            save(RESULT, args.out)
         if not args.skip_peer and time.perf_counter() - t0 < args.budget_s:
             try:
                 entry["hf_generate_static"] = time_hf(model, ids, mask, T)
@@ -379,7 +356,7 @@ def main() -> int:
             o, h = entry.get("alignflow_static", {}), entry.get("hf_generate_static", {})
             if "tok_per_s" in o and "tok_per_s" in h:
                 entry["speedup_vs_hf"] = o["tok_per_s"] / h["tok_per_s"]
-        save(args.out)
+        save(RESULT, args.out)
         log(f"elapsed {time.perf_counter() - t0:.0f}s")
     if args.variants and time.perf_counter() - t0 < args.budget_s:
         B = args.batches[0]
@@ -394,10 +371,10 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 RESULT["batches"][str(B)][name] = {"error": traceback.format_exc()[-2000:]}
             log(B, name, RESULT["batches"][str(B)][name])
-            save(args.out)
+            save(RESULT, args.out)
     RESULT["speedup_vs_hf"] = {b: e.get("speedup_vs_hf") for b, e in RESULT["batches"].items()}
     RESULT["wall_s"] = time.perf_counter() - t0
-    save(args.out)
+    save(RESULT, args.out)
     log("\nbatch  ours tok/s   hf tok/s   speedup  ms/step  frac-of-BW-limit")
     for b, e in RESULT["batches"].items():
         o, h = e.get("alignflow_static", {}), e.get("hf_generate_static", {})

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from benchio import cuda_ms, log, save  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -46,32 +47,13 @@ from alignflow.train import fast  # noqa: E402
 
 PEAK = 989.4e12
 SEQ, ROWS, MICRO = 1024, 8, 2
-RESULT: dict = {}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def save(path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(RESULT, indent=2, default=str))
+RESULT: dict = {}   # the JSON written by save(RESULT, args.out) after each section
 
 
 def matmul_ceiling() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return 2 * 8192 ** 3 / (statistics.median(times) * 1e-3)
+    return 2 * 8192 ** 3 / (cuda_ms(lambda: a @ b) * 1e-3)
 
 
 def build_05b() -> Qwen2ForCausalLM:
@@ -261,7 +243,7 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         RESULT["correctness"] = {"error": traceback.format_exc()[-3000:]}
     log("correctness", RESULT["correctness"])
-    save(args.out)
+    save(RESULT, args.out)
     warm_plain, warm_fast = 2, 3
     steps = make_steps(max(warm_plain, warm_fast) + args.steps)
     flops = [flops_of(s, N, spec) for s in steps]
@@ -293,7 +275,7 @@ def main() -> int:
     log("plain", RESULT["plain_transformers"])
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
-    save(args.out)
+    save(RESULT, args.out)
     # alignflow fast
     try:
         tr = fast.FastSFTTrainer(model, lr=1e-5, weight_decay=0.01)
@@ -313,7 +295,7 @@ def main() -> int:
     log("fast", RESULT["alignflow_fast"])
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
-    save(args.out)
+    save(RESULT, args.out)
     if args.variants:
         variants = [("alignflow_fast_unfused_chunk4096", dict(fuse_projections=False, chunk=4096), None),
                     ("alignflow_fast_rows16x1", {}, "rows16")]
@@ -345,13 +327,13 @@ def main() -> int:
             log(name, RESULT[name])
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            save(args.out)
+            save(RESULT, args.out)
     p, f = RESULT.get("plain_transformers", {}), RESULT.get("alignflow_fast", {})
     RESULT["mfu"] = f.get("mfu")
     if "step_s" in p and "step_s" in f:
         RESULT["speedup_vs_plain"] = p["step_s"] / f["step_s"]
     RESULT["wall_s"] = time.perf_counter() - t0
-    save(args.out)
+    save(RESULT, args.out)
     log("\nvariant                step ms    MFU   MFU/meas.matmul  tok/s")
     for k in ("plain_transformers", "alignflow_fast", "alignflow_fast_unfused_chunk4096", "alignflow_fast_rows16x1",
               "alignflow_fast_max_autotune"):

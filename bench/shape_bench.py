@@ -48,22 +48,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from benchio import T0, log, save  # noqa: E402
 
 from alignflow import decoder, models  # noqa: E402
 from alignflow.train import fast  # noqa: E402
 
 PEAK = 989.4e12  # H100/H200 SXM dense bf16 (datasheet)
-RESULT: dict = {}
-T0 = time.perf_counter()
-
-
-def log(*a):
-    print(f"[{time.perf_counter() - T0:6.0f}s]", *a, flush=True)
-
-
-def save(path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(RESULT, indent=2, default=str))
+RESULT: dict = {}   # the JSON written by save(RESULT, args.out) after each section
 
 
 def cuda() -> bool:
@@ -331,7 +322,7 @@ def sect_rl(args) -> dict:
     except Exception:  # noqa: BLE001
         res["alignflow"] = {"error": traceback.format_exc()[-3000:]}
     log("rl ours", res["alignflow"])
-    save(args.out)
+    save(RESULT, args.out)
     if not args.skip_peer and time.perf_counter() - T0 < args.budget_s:
         try:
             import rl_step  # bench/rl_step.py
@@ -443,7 +434,7 @@ def main() -> int:
         except Exception:  # noqa: BLE001
             RESULT["sections"][name] = {"error": traceback.format_exc()[-3000:]}
         RESULT["wall_s"] = round(time.perf_counter() - T0, 1)
-        save(args.out)
+        save(RESULT, args.out)
     log("summary")
     for name, s in RESULT["sections"].items():
         keys = ("mfu", "speedup_vs_plain", "speedup_vs_hf", "ratio_vs_trl", "completions_per_s", "speed_vs_full",
