@@ -105,6 +105,23 @@ def _metric_bars(metrics: dict, champion: str) -> str:
     return _png(fig)
 
 
+def _example_rows(metrics: dict) -> list[dict]:
+    """SFT's and the champion's greedy completions of the same first prompts of each split, side by side."""
+    examples, champion = metrics.get("examples", {}), metrics["champion"]
+    policies = [p for p in dict.fromkeys(("sft", champion)) if p in examples]
+    if not policies:
+        return []
+    rows = []
+    for split, shown in examples[policies[0]].items():
+        for i, example in enumerate(shown):
+            row = {"split": split, "prompt": example["prompt"]}
+            for policy in policies:
+                theirs = examples[policy][split][i]
+                row[f"{policy} completion"], row[f"{policy} reward"] = theirs["completion"], theirs["reward"]
+            rows.append(row)
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -133,6 +150,7 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
         "<h2>Policies (true values)</h2>", _table(policies),
         "<h2>Metrics: base, SFT, champion</h2>", _metric_bars(metrics, metrics["champion"]),
         _table(_metric_rows(metrics)),
+        "<h2>Example completions (greedy): SFT and champion</h2>", _table(_example_rows(metrics)),
         "<h2>Learning curves</h2>", *_curves(layout),
         "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
         "<h2>Selection quality: SharpeRatio@k per estimator</h2>", _sharpe(layout, selection), _table(sel_rows),

@@ -63,8 +63,9 @@ def run(ctx: StageContext) -> dict:
     else:
         selection["vsdr"] = {"skipped": vsdr.get("skipped", "no real split")}
     details = {
-        "policies": {n: {k: v for k, v in vals.items() if k != "metrics"} for n, vals in values.items()},
+        "policies": {n: {k: v for k, v in vals.items() if k not in ("metrics", "examples")} for n, vals in values.items()},
         "metrics": {n: vals["metrics"] for n, vals in values.items()},
+        "examples": {n: vals["examples"] for n, vals in values.items()},
         "champion": champion,
         "champion_regret": max(true_sampled.values()) - true_sampled[champion],
         "behavior_value": ope_out["behaviour_value"],

@@ -113,6 +113,9 @@ def ood_scores(policy_dir: Path, real_prompts: list, reference_prompts: list, ma
             "hidden_distance": float((real.mean(0) - ref.mean(0)).norm() / spread)}
 
 
+EXAMPLES = 5   # greedy completions kept per split and policy (evaluate's report shows what the scores count)
+
+
 def true_values(policy_dir: Path, splits: dict[str, TaskRows], reward, metrics, value_samples: int,
                 max_new_tokens: int, batch_size: int, seed: int, device: str = "cpu",
                 dtype: str = "fp32") -> tuple[dict, np.ndarray]:
@@ -122,11 +125,13 @@ def true_values(policy_dir: Path, splits: dict[str, TaskRows], reward, metrics, 
     torch.manual_seed(seed)
     model, tokenizer = models.load(policy_dir, device, dtype)
     model.eval()
-    out: dict = {"metrics": {}}
+    out: dict = {"metrics": {}, "examples": {}}
     for name, rows in splits.items():
         s = score(model, tokenizer, rows, reward, metrics=metrics, max_new_tokens=max_new_tokens, batch_size=batch_size)
         out[f"{name}_score"] = s["value"]
         out["metrics"][name] = metric_summary(s["per_function"], 1, greedy=True)
+        out["examples"][name] = [{"prompt": p, "completion": t, "reward": float(r)}
+                                 for p, t, r in zip(rows.prompts[:EXAMPLES], s["texts"], s["rewards"])]
     sampled = score(model, tokenizer, splits["eval"], reward, metrics=metrics, max_new_tokens=max_new_tokens,
                     greedy=False, n=value_samples, batch_size=batch_size)
     out["sampled_value"] = sampled["value"]

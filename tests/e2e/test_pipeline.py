@@ -32,6 +32,13 @@ def test_evaluate_json_schema(smoke_project):
         assert {"greedy", "mean@1", "pass@1"} == set(per_split["eval"]["accuracy"])
     assert ev["champion"] in ["sft", *candidates]
     assert ev["n_eval"] == 40 and ev["n_ood"] == 40
+    eval_prompts = pd.read_parquet(smoke_project / "data/smoke/curated/eval.parquet")["prompt"].tolist()
+    for policy, per_split in ev["examples"].items():  # the first prompts of each split, greedy, with their reward
+        assert set(per_split) == {"eval", "ood", "real"}, policy
+        assert [e["prompt"] for e in per_split["eval"]] == eval_prompts[:5]
+        assert all(isinstance(e["completion"], str) and -0.1 - 1e-9 <= e["reward"] <= 1.0
+                   for shown in per_split.values() for e in shown)
+    assert set(ev["examples"]) == set(ev["policies"])
     assert ev["champion_regret"] >= 0
     for name in ("tis", "pdis", "snpdis"):
         assert set(ev["selection"][name]["sharpe_ratio_at_k"]) == {"2", "3"}

@@ -70,7 +70,8 @@ def test_ope_estimates_every_candidate_with_intervals(smoke_project):
 def test_evaluate_writes_report_with_plots(smoke_project):
     html = (smoke_project / "reports/smoke/report.html").read_text()
     assert html.count("data:image/png;base64") >= 4
-    for section in ("Learning curves", "Estimate (with interval) vs true value", "SharpeRatio@k", "VSDR"):
+    for section in ("Example completions", "sft completion", "Learning curves",
+                    "Estimate (with interval) vs true value", "SharpeRatio@k", "VSDR"):
         assert section in html
 
 
