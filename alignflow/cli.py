@@ -50,8 +50,9 @@ def cmd_stage(args) -> int:
         if not distributed.is_main():  # the other ranks train alongside rank 0's flow run; rank 0 tracks and writes
             run_stage(args.name, args.pipeline)
             return 0
-        from flows import no_heartbeat
+        from flows import ensure_prefect_api, no_heartbeat
         from flows.stages import FLOWS
+        ensure_prefect_api()  # a temporary server when none is set, stopped even if this process is SIGKILLed
         with no_heartbeat():
             FLOWS[args.name](pipeline=args.pipeline)
     return 0

@@ -8,7 +8,6 @@ change as a params change and never skips a stage on stale outputs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from prefect import flow
@@ -18,6 +17,7 @@ from alignflow import tracking, versioning
 from alignflow.config import ConfigError, load_project
 from alignflow.layout import Layout, find_root
 from alignflow.stage import STAGES
+from flows import ensure_prefect_api
 from flows import dispatch as scaled  # [scaled mode] stages as deployments on workers (docs/scaling.md)
 from tasks.retry import stage_task
 
@@ -58,9 +58,7 @@ def post_training(pipeline: str = "tiny", overrides: list[str] | None = None) ->
     preflight(root, pipeline)
     project = load_project(root / "pipelines.yaml")
     dispatch = scaled.scaled_mode()  # [scaled mode] decided before the embedded API URL is set below
-    if not os.environ.get("PREFECT_API_URL"):  # embedded: stage processes report to this process's API
-        from prefect.server.api.server import SubprocessASGIServer
-        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
+    ensure_prefect_api()  # embedded: the stage processes DVC starts report to this process's API
     ran: dict[str, list[str]] = {}
     with tracking.pipeline_run(root, pipeline, overrides or [], project.pipelines[pipeline].model_dump()):
         reproduce(root, f"external@{pipeline}")  # fingerprints what DVC cannot see (alignflow/fingerprint.py)

@@ -57,7 +57,7 @@ def test_two_rank_rl_killed_mid_way_resumes_both_ranks_from_the_same_step(smoke_
            "ALIGNFLOW_LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2"}
     cmd = [str(BIN / "alignflow"), "stage", "rl", "--pipeline", "smoke"]
 
-    def run(log, **extra_env) -> int:  # output to a file: a SIGKILLed flow's orphaned Prefect server keeps pipes open
+    def run(log, **extra_env) -> int:  # output to a file: every process that inherited a pipe would hold it open
         with open(tmp_path / log, "w") as out:
             return subprocess.run(cmd, cwd=root, env={**env, **extra_env}, stdout=out, stderr=subprocess.STDOUT,
                                   timeout=600).returncode
