@@ -105,7 +105,7 @@ def _metric_bars(metrics: dict, champion: str) -> str:
     return _png(fig)
 
 
-def _example_rows(metrics: dict) -> list[dict]:
+def example_rows(metrics: dict) -> list[dict]:
     """SFT's and the champion's greedy completions of the same first prompts of each split, side by side."""
     examples, champion = metrics.get("examples", {}), metrics["champion"]
     policies = [p for p in dict.fromkeys(("sft", champion)) if p in examples]
@@ -150,7 +150,7 @@ def write_report(layout: Layout, metrics: dict, ope_out: dict) -> Path:
         "<h2>Policies (true values)</h2>", _table(policies),
         "<h2>Metrics: base, SFT, champion</h2>", _metric_bars(metrics, metrics["champion"]),
         _table(_metric_rows(metrics)),
-        "<h2>Example completions (greedy): SFT and champion</h2>", _table(_example_rows(metrics)),
+        "<h2>Example completions (greedy): SFT and champion</h2>", _table(example_rows(metrics)),
         "<h2>Learning curves</h2>", *_curves(layout),
         "<h2>Estimate (with interval) vs true value</h2>", _estimates_vs_true(layout, metrics, ope_out),
         "<h2>Selection quality: SharpeRatio@k per estimator</h2>", _sharpe(layout, selection), _table(sel_rows),

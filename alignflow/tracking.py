@@ -154,6 +154,15 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_table(rows: list[dict], artifact_file: str) -> None:
+    """Rows of a table (e.g. prompts and completions) as an MLflow table artifact (mlflow.log_table: the UI shows
+    it under the run's artifacts and in its evaluation view)."""
+    if _file_run is not None:
+        return _file_run.write("table", rows=rows, artifact_file=artifact_file)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file)
+
+
 def register_policy(model_dir: Path, registered_name: str, alias: str, tags: dict) -> str:
     """Log a transformers model (as objects: a path crashes on transformers 5) and point `alias` at it.
     The version the alias pointed at before keeps alias `previous`. Returns the new version."""
@@ -212,6 +221,8 @@ def import_file_runs(root: Path, pipeline_filter: str | None = None) -> int:
                     mlflow.log_dict(event["inputs"], "lineage/inputs.json")
                 elif event["kind"] == "metrics":
                     mlflow.log_metrics(event["metrics"], step=event["step"])
+                elif event["kind"] == "table":
+                    log_table(event["rows"], event["artifact_file"])
                 elif event["kind"] == "artifact" and Path(event["path"]).exists():
                     log_artifact(Path(event["path"]), event["artifact_path"])
         path.rename(path.with_suffix(".imported"))

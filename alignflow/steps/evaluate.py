@@ -76,6 +76,7 @@ def run(ctx: StageContext) -> dict:
     write_json(layout.evaluate_details, details)
     tracking.log_artifact(layout.evaluate_details, "report")
     tracking.log_artifact(report.write_report(layout, details, ope_out), "report")
+    tracking.log_table(report.example_rows(details), "report/examples.json")
     ctx.summary = (f"champion **{champion}**: eval score {details['policies'][champion]['eval_score']:.3f}, "
                    f"regret {details['champion_regret']:.3f}",
                    [{"policy": n, **{k: round(v, 4) for k, v in m.items()}} for n, m in details["policies"].items()])
