@@ -12,6 +12,9 @@ import yaml
 
 from tests.conftest import BIN, alignflow, project_env, stage_runs
 
+from alignflow.config import load_pipeline
+from alignflow.data.rows import read_rows
+from alignflow.rewards import RewardSet
 from alignflow.stage import STAGES
 
 
@@ -32,12 +35,16 @@ def test_evaluate_json_schema(smoke_project):
         assert {"greedy", "mean@1", "pass@1"} == set(per_split["eval"]["accuracy"])
     assert ev["champion"] in ["sft", *candidates]
     assert ev["n_eval"] == 40 and ev["n_ood"] == 40
-    eval_prompts = pd.read_parquet(smoke_project / "data/smoke/curated/eval.parquet")["prompt"].tolist()
-    for policy, per_split in ev["examples"].items():  # the first prompts of each split, greedy, with their reward
+    # the first prompts of each split, greedy, with their reward: the pipeline's reward of that prompt's row and
+    # that completion (so prompt, completion and reward belong together)
+    first = read_rows(smoke_project / "data/smoke/curated", "eval").take(list(range(5)))
+    reward = RewardSet(load_pipeline("smoke", smoke_project / "pipelines.yaml").reward_specs, smoke_project)
+    for policy, per_split in ev["examples"].items():
         assert set(per_split) == {"eval", "ood", "real"}, policy
-        assert [e["prompt"] for e in per_split["eval"]] == eval_prompts[:5]
-        assert all(isinstance(e["completion"], str) and -0.1 - 1e-9 <= e["reward"] <= 1.0
-                   for shown in per_split.values() for e in shown)
+        shown = per_split["eval"]
+        assert [e["prompt"] for e in shown] == first.prompts
+        recomputed = reward(first.prompts, [e["completion"] for e in shown], first.columns).total
+        assert [e["reward"] for e in shown] == pytest.approx(recomputed), policy
     assert set(ev["examples"]) == set(ev["policies"])
     assert ev["champion_regret"] >= 0
     for name in ("tis", "pdis", "snpdis"):
