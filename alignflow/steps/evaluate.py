@@ -77,6 +77,8 @@ def run(ctx: StageContext) -> dict:
     tracking.log_artifact(layout.evaluate_details, "report")
     tracking.log_artifact(report.write_report(layout, details, ope_out), "report")
     tracking.log_table(report.example_rows(details), "report/examples.json")
+    tracking.log_metrics({f"{n}.changed_share_vs_sft": p["changed_share_vs_sft"]   # how much RL changed the model
+                          for n, p in details["policies"].items() if "changed_share_vs_sft" in p})
     ctx.summary = (f"champion **{champion}**: eval score {details['policies'][champion]['eval_score']:.3f}, "
                    f"regret {details['champion_regret']:.3f}",
                    [{"policy": n, **{k: round(v, 4) for k, v in m.items()}} for n, m in details["policies"].items()])

@@ -128,6 +128,11 @@ def test_mlflow_parent_with_nested_stage_runs_and_lineage(smoke_project):
     assert "sft.lr" in sft.data.params
     curate = next(r for r in children if r.info.run_name == "curate")
     assert client.get_run(curate.info.run_id).inputs.dataset_inputs, "datasets logged with mlflow.log_input"
+    evaluate = next(r for r in children if r.info.run_name == "evaluate")  # update sparsity and the examples table
+    policies = load(smoke_project, "reports/smoke/evaluate.json")["policies"]
+    assert {k: v for k, v in evaluate.data.metrics.items() if k.endswith(".changed_share_vs_sft")} == pytest.approx(
+        {f"{n}.changed_share_vs_sft": p["changed_share_vs_sft"] for n, p in policies.items() if n not in ("base", "sft")})
+    assert "report/examples.json" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "report")]
 
 
 def test_registered_champion_reproduces_its_accuracy(smoke_project):
