@@ -18,8 +18,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # log_model otherwise spends ~50 s on hub lookups
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import yaml
-
 from alignflow import versioning
 
 try:
@@ -157,10 +155,12 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 def log_table(rows: list[dict], artifact_file: str) -> None:
     """Rows of a table (e.g. prompts and completions) as an MLflow table artifact (mlflow.log_table: the UI shows
     it under the run's artifacts and in its evaluation view)."""
+    if not rows:
+        return
     if _file_run is not None:
         return _file_run.write("table", rows=rows, artifact_file=artifact_file)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file)
+    import pandas as pd
+    mlflow.log_table(pd.DataFrame(rows), artifact_file)
 
 
 def register_policy(model_dir: Path, registered_name: str, alias: str, tags: dict) -> str:

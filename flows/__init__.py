@@ -21,8 +21,6 @@ def alive():
     except ProcessLookupError:
         return False
 for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-    if not alive():
-        break
     try:
         os.kill(server, sig)
     except ProcessLookupError:
@@ -31,6 +29,9 @@ for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
 """
+
+
+_keep_alive: list = []   # this process's watchdogs: their stdin is our end of the pipe
 
 
 def ensure_prefect_api() -> str:
@@ -53,5 +54,3 @@ def ensure_prefect_api() -> str:
     os.environ["PREFECT_API_URL"] = server.api_url
     return server.api_url
 
-
-_keep_alive: list = []
